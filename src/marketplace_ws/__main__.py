@@ -1,0 +1,3 @@
+from marketplace_ws.cli import main
+
+main()

@@ -1,0 +1,476 @@
+"""
+The WebSocket endpoint: the Autobahn protocol that makes a browser connection
+trustworthy, and the factory that holds the open connections and their limits.
+
+A connection's way in is a straight line: handshake (Origin, subprotocol, a token from
+the header, cookie or query) → or a first C{auth} frame within the auth timeout →
+C{welcome} → each text frame parsed by L{envelope.parseRequest}, rate-limited, and
+handed to the op table L{OPS}. Later features add ops to the table; the envelope does
+not change.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from http.cookies import CookieError, SimpleCookie
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from marketplace_ws import envelope
+from marketplace_ws.auth import Identity, TokenRejected, tokenFromQuery
+from marketplace_ws.envelope import OpError, Request
+from marketplace_ws.limits import ConnectionLimits, OpLimiter, Rate, TokenBucket
+
+SUBPROTOCOL = "marketplace.v1"
+
+# Close codes of SPEC §4 (docs/protocol.rst says what a client should do for each).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNSUPPORTED = 1003
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL = 1011
+CLOSE_PROTOCOL = 4000
+CLOSE_AUTH = 4001
+CLOSE_DISCONNECTED = 4003
+CLOSE_SLOW = 4008
+CLOSE_LIMIT = 4029
+
+_log = Logger()
+
+
+class Verifier(Protocol):
+    """What the protocol needs of token verification (see L{marketplace_ws.auth})."""
+
+    def verify(self, token: str) -> Deferred[Identity]: ...
+
+
+def normaliseOrigin(origin: str) -> str:
+    """
+    C{scheme://host[:port]}, lower case, without the scheme's default port, so that
+    C{https://App.example.com:443} and C{https://app.example.com} are one origin.
+    """
+    parts = urlsplit(origin.strip())
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        return origin.strip().lower()
+    if port is None or (scheme, port) in (("http", 80), ("https", 443)):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
+
+
+def originAllowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """
+    An empty allowlist allows every origin. A browser always sends C{Origin}; a
+    request without one is from a non-browser client, which an Origin check cannot
+    constrain anyway. C{null} (sandboxed frames, C{file:}) is refused by any allowlist.
+    """
+    if not allowed or origin is None:
+        return True
+    if origin.strip().lower() == "null":
+        return False
+    candidate = normaliseOrigin(origin)
+    for entry in allowed:
+        if entry.startswith(("https://*.", "http://*.")):
+            scheme, _, suffix = entry.partition("://*")
+            if candidate.startswith(scheme + "://") and candidate.endswith(suffix):
+                return True
+        elif candidate == normaliseOrigin(entry):
+            return True
+    return False
+
+
+def _bearer(headers: dict[str, str]) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def _cookie(headers: dict[str, str], name: str) -> str | None:
+    raw = headers.get("cookie")
+    if not raw or not name:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(raw)
+    except CookieError:
+        return None
+    morsel = jar.get(name)
+    return morsel.value if morsel is not None and morsel.value else None
+
+
+class ClientProtocol(WebSocketServerProtocol):
+    """
+    One browser connection.
+    """
+
+    factory: MarketplaceFactory
+    identity: Identity | None = None
+    connectionId: str = ""
+
+    def _clock(self) -> float:
+        return float(self.factory.reactor.seconds())
+
+    # The handshake
+
+    def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:  # type: ignore[override]
+        self.connectionId = uuid.uuid4().hex[:16]
+        self._timers: list[Any] = []
+        self._garbage = 0
+        limits = self.factory.limits
+        self._limiter = OpLimiter(limits.rates, self._clock)
+        # Rejections drain a bucket of their own: more than abuseLimit of them within
+        # about a minute is sustained abuse, not a burst.
+        self._abuse = TokenBucket(Rate(limits.abuseLimit / 60.0, limits.abuseLimit), self._clock)
+        return Deferred.fromCoroutine(self._handshake(request))
+
+    async def _handshake(self, request: ConnectionRequest) -> str | None:
+        limits = self.factory.limits
+        if not originAllowed(request.headers.get("origin"), limits.allowedOrigins):
+            self._refused("origin", request)
+            raise ConnectionDeny(403, "origin not allowed")
+        if request.protocols and SUBPROTOCOL not in request.protocols:
+            self._refused("subprotocol", request)
+            raise ConnectionDeny(400, f"subprotocol {SUBPROTOCOL} required")
+        token = (
+            _bearer(request.headers)
+            or _cookie(request.headers, limits.tokenCookie)
+            or tokenFromQuery(request.params)
+        )
+        if token is not None:
+            try:
+                self.identity = await self.factory.verifier.verify(token)
+            except TokenRejected as e:
+                self._refused(e.reason, request)
+                if e.reason == "keys_unavailable":
+                    raise ConnectionDeny(503, "token keys unavailable, retry later") from None
+                raise ConnectionDeny(401, e.message) from None
+        return SUBPROTOCOL if request.protocols else None
+
+    def _refused(self, reason: str, request: ConnectionRequest) -> None:
+        self.factory.refusals[reason] = self.factory.refusals.get(reason, 0) + 1
+        _log.info(
+            "connection {connectionId} from {peer} refused: {reason}",
+            connectionId=self.connectionId,
+            peer=request.peer,
+            reason=reason,
+        )
+
+    def onOpen(self) -> None:
+        if self.identity is not None:
+            self._welcome(self.identity)
+        else:
+            self._later(self.factory.limits.authTimeout, self._authTimedOut)
+
+    def _authTimedOut(self) -> None:
+        if self.identity is None:
+            self.close(CLOSE_AUTH, "authentication timed out")
+
+    def _welcome(self, identity: Identity) -> None:
+        factory = self.factory
+        self.identity = identity
+        mine = factory.byUser.setdefault(identity.userId, set())
+        if len(mine) >= factory.limits.maxConnectionsPerUser:
+            self.close(CLOSE_LIMIT, "too many connections for this user")
+            return
+        mine.add(self)
+        factory.connections.add(self)
+        self._cancelTimers()
+        self._scheduleExpiry(identity)
+        _log.info(
+            "connection {connectionId} open for user {userId}",
+            connectionId=self.connectionId,
+            userId=identity.userId,
+        )
+        self.send(
+            {
+                "type": "welcome",
+                "connectionId": self.connectionId,
+                "userId": identity.userId,
+                "expiresAt": identity.expiresAt,
+                "serverTime": int(time.time() * 1000),
+            }
+        )
+
+    def refresh(self, identity: Identity) -> None:
+        """
+        Take a fresh token for the same user: the connection lives on to its expiry.
+        """
+        assert self.identity is not None
+        if identity.userId != self.identity.userId:
+            raise OpError(envelope.FORBIDDEN, "token is for another user")
+        self.identity = identity
+        self._cancelTimers()
+        self._scheduleExpiry(identity)
+
+    def _scheduleExpiry(self, identity: Identity) -> None:
+        if identity.expiresAt is None:
+            return
+        remaining = identity.expiresAt - time.time()
+        notice = remaining - self.factory.limits.expiryNotice
+        self._later(max(0.0, notice), self._expiring, identity.expiresAt)
+        self._later(max(0.0, remaining), self._expired)
+
+    def _expiring(self, expiresAt: int) -> None:
+        self.send({"type": "token.expiring", "expiresAt": expiresAt})
+
+    def _expired(self) -> None:
+        self.close(CLOSE_AUTH, "token expired")
+
+    def _later(self, delay: float, f: Callable[..., Any], *args: Any) -> None:
+        self._timers.append(self.factory.reactor.callLater(delay, f, *args))
+
+    def _cancelTimers(self) -> None:
+        for call in self._timers:
+            if call.active():
+                call.cancel()
+        self._timers = []
+
+    # Frames
+
+    def send(self, frame: dict[str, Any]) -> None:
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(envelope.encode(frame), isBinary=False)
+
+    def close(self, code: int, reason: str) -> None:
+        _log.info(
+            "connection {connectionId} closing with {code}: {reason}",
+            connectionId=self.connectionId,
+            code=code,
+            reason=reason,
+        )
+        # sendClose() refuses 1001/1003/1008/1011, which SPEC §4 uses: go one level down.
+        self.sendCloseFrame(code, encode_truncate(reason, 123))
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.close(CLOSE_UNSUPPORTED, "binary frames are not accepted")
+            return
+        try:
+            request = envelope.parseRequest(payload)
+        except OpError as e:
+            self._garbageFrame(e)
+            return
+        if self.identity is None:
+            self._firstFrame(request)
+            return
+        if not self._limiter.allow(request.type):
+            if not self._abuse.take():
+                self.close(CLOSE_LIMIT, "rate limit exceeded repeatedly")
+            else:
+                self.send(envelope.error(request.id, envelope.RATE_LIMITED, "slow down"))
+            return
+        handler = OPS.get(request.type)
+        if handler is None:
+            self._garbageFrame(OpError(envelope.BAD_REQUEST, "unknown type", request.id))
+            return
+        self._garbage = 0
+        d = maybeDeferred(handler, self, request)
+        d.addCallbacks(
+            lambda result: self.send(envelope.ok(request.id, result)),
+            self._failed,
+            errbackArgs=(request,),
+        )
+
+    def _garbageFrame(self, problem: OpError) -> None:
+        self._garbage += 1
+        if self._garbage >= self.factory.limits.garbageLimit:
+            self.close(CLOSE_PROTOCOL, "too many malformed requests")
+        else:
+            self.send(envelope.error(problem.requestId, problem.code, problem.message))
+
+    def _failed(self, failure: Failure, request: Request) -> None:
+        if failure.check(OpError):
+            problem = failure.value
+            self.send(envelope.error(request.id, problem.code, problem.message))
+            return
+        _log.failure(
+            "connection {connectionId}: {op} failed",
+            failure,
+            connectionId=self.connectionId,
+            op=request.type,
+        )
+        self.send(envelope.error(request.id, envelope.INTERNAL, "internal error"))
+
+    def _firstFrame(self, request: Request) -> None:
+        """
+        Before authentication only an C{auth} frame is accepted.
+        """
+        token = request.params.get("token")
+        if request.type != "auth" or not isinstance(token, str) or not token:
+            self.close(CLOSE_AUTH, "authenticate first")
+            return
+
+        def rejected(failure: Failure) -> None:
+            if failure.check(TokenRejected):
+                self.factory.refusals[failure.value.reason] = (
+                    self.factory.refusals.get(failure.value.reason, 0) + 1
+                )
+                self.close(CLOSE_AUTH, failure.value.message)
+            else:
+                self._failed(failure, request)
+
+        d = self.factory.verifier.verify(token)
+        d.addCallbacks(self._welcome, rejected)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        timers = getattr(self, "_timers", None)
+        if timers:
+            self._cancelTimers()
+        factory = self.factory
+        if self in factory.connections:
+            factory.connections.discard(self)
+            assert self.identity is not None
+            mine = factory.byUser.get(self.identity.userId)
+            if mine is not None:
+                mine.discard(self)
+                if not mine:
+                    del factory.byUser[self.identity.userId]
+            _log.info(
+                "connection {connectionId} closed ({code})",
+                connectionId=self.connectionId,
+                code=code,
+            )
+        for waiter in factory.closeWaiters.pop(self, []):
+            waiter.callback(None)
+
+
+class ConformanceProtocol(ClientProtocol):
+    """
+    Echo every message, for the Autobahn testsuite: the production factory, limits,
+    timeouts and permessage-deflate acceptance, without authentication or ops.
+    """
+
+    def onConnect(self, request: ConnectionRequest) -> None:  # type: ignore[override]
+        self.connectionId = uuid.uuid4().hex[:16]
+        self._timers = []
+
+    def onOpen(self) -> None:
+        pass
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.sendMessage(payload, isBinary)
+
+
+Handler = Callable[[ClientProtocol, Request], Any | Awaitable[Any]]
+
+
+def _ping(connection: ClientProtocol, request: Request) -> dict[str, Any]:
+    return {"pong": True, "serverTime": int(time.time() * 1000)}
+
+
+async def _auth(connection: ClientProtocol, request: Request) -> dict[str, Any]:
+    """
+    Refresh: a fresh token for the same user keeps the connection open.
+    """
+    token = envelope.field(request, "token", str)
+    try:
+        identity = await connection.factory.verifier.verify(token)
+    except TokenRejected as e:
+        code = envelope.UNAVAILABLE if e.reason == "keys_unavailable" else envelope.UNAUTHORIZED
+        raise OpError(code, e.message) from None
+    connection.refresh(identity)
+    return {"expiresAt": identity.expiresAt}
+
+
+#: The op table: later features register their ops here.
+OPS: dict[str, Handler] = {"ping": _ping, "auth": _auth}
+
+
+class MarketplaceFactory(WebSocketServerFactory):
+    """
+    Builds L{ClientProtocol}s with this server's limits and keeps the open ones.
+    """
+
+    protocol = ClientProtocol  # type: ignore[assignment]
+
+    def __init__(
+        self, verifier: Verifier, limits: ConnectionLimits | None = None, reactor: Any = None
+    ) -> None:
+        super().__init__(reactor=reactor)
+        if reactor is None:
+            from twisted.internet import reactor as defaultReactor
+
+            reactor = defaultReactor
+        self.reactor = reactor
+        self.verifier = verifier
+        self.limits = limits = limits or ConnectionLimits()
+        self.connections: set[ClientProtocol] = set()
+        self.byUser: dict[str, set[ClientProtocol]] = {}
+        self.closeWaiters: dict[ClientProtocol, list[Deferred[None]]] = {}
+        self.refusals: dict[str, int] = {}
+        # Autobahn's server defaults are permissive (no size limits, any Origin, a
+        # status page revealing its version, no pings): every option is set here.
+        # Origins are checked in the handshake with our own normalisation, so
+        # Autobahn's own check is opened fully (allowNullOrigin must be passed on
+        # every call: setProtocolOptions resets it).
+        self.setProtocolOptions(
+            webStatus=False,
+            maxFramePayloadSize=limits.maxFrameSize,
+            maxMessagePayloadSize=limits.maxMessageSize,
+            openHandshakeTimeout=limits.openHandshakeTimeout,
+            closeHandshakeTimeout=limits.closeHandshakeTimeout,
+            autoPingInterval=limits.pingInterval,
+            autoPingTimeout=limits.pingTimeout,
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
+            perMessageCompressionAccept=self._acceptDeflate,
+            utf8validateIncoming=True,
+            # Fail a broken connection with a close frame that says why (1002, 1007,
+            # 1009) rather than a silent drop, so a client can tell what it did wrong.
+            failByDrop=False,
+        )
+
+    def _acceptDeflate(self, offers: list[Any]) -> PerMessageDeflateOfferAccept | None:
+        """
+        permessage-deflate with no context takeover and a small window: per-connection
+        zlib state is otherwise the largest memory item of a WebSocket server.
+        """
+        if not self.limits.deflate:
+            return None
+        bits = self.limits.deflateWindowBits
+        for offer in offers:
+            if isinstance(offer, PerMessageDeflateOffer):
+                return PerMessageDeflateOfferAccept(
+                    offer,
+                    request_no_context_takeover=offer.accept_no_context_takeover,
+                    request_max_window_bits=bits if offer.accept_max_window_bits else 0,
+                    no_context_takeover=True,
+                    window_bits=min(bits, offer.request_max_window_bits or bits),
+                    mem_level=self.limits.deflateMemLevel,
+                    max_message_size=self.limits.maxMessageSize,
+                )
+        return None
+
+    def closeAll(
+        self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down"
+    ) -> Deferred[Any]:
+        """
+        Close every open connection and fire once each has closed.
+        """
+        waits = []
+        for connection in list(self.connections):
+            waiter: Deferred[None] = Deferred()
+            self.closeWaiters.setdefault(connection, []).append(waiter)
+            waits.append(waiter)
+            connection.close(code, reason)
+        return DeferredList(waits)
+
+    def abortAll(self) -> None:
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abortConnection()  # type: ignore[attr-defined]

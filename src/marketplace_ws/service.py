@@ -1,0 +1,228 @@
+"""
+The running server: database first, then the two listeners; on the way down, the
+reverse, within a bounded time.
+
+Start-up is ordered because a listener that accepts browsers before the database is
+reachable would greet them and then fail every request. A problem on the way up is
+fatal: it is reported as one line naming the setting to fix, and the process exits
+non-zero so a supervisor (systemd, Docker, Render) shows the failure instead of a
+server that looks alive.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from marketplace_ws.auth import TokenVerifier, verifierFromSettings
+from marketplace_ws.config import Config, ConfigError, JWTSettings
+from marketplace_ws.db import Database, DatabaseUnreachable, migrate
+from marketplace_ws.http import site
+from marketplace_ws.http.health import Health
+from marketplace_ws.protocol import ConformanceProtocol, MarketplaceFactory
+
+_log = Logger()
+
+#: Exit status for a start-up failure caused by configuration (sysexits' EX_CONFIG).
+EX_CONFIG = 78
+
+
+def verifierFor(settings: JWTSettings, reactor: Any) -> TokenVerifier:
+    """
+    The token verifier the settings describe.
+
+    @raise ConfigError: when the key source and the algorithms do not fit together.
+    """
+    pem = settings.publicKeyFile.read_bytes() if settings.publicKeyFile else None
+    try:
+        return verifierFromSettings(
+            secret=settings.secret,
+            publicKeyPEM=pem,
+            jwksURL=settings.jwksURL,
+            algorithms=settings.algorithms,
+            leeway=settings.leeway,
+            audience=settings.audience,
+            issuer=settings.issuer,
+            userClaim=settings.userClaim,
+            reactor=reactor,
+        )
+    except ValueError as e:
+        raise ConfigError("JWT_ALGORITHMS (--jwt-algorithms)", str(e)) from None
+
+
+class MarketplaceService(MultiService):
+    """
+    One marketplace-ws process: the database pool, the WebSocket listener and the
+    HTTP listener.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        embedded: Any = None,
+        *,
+        reactor: Any,
+        ownsProcess: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.embedded = embedded
+        self.ownsProcess = ownsProcess
+        self.exitCode = 0
+        self.database: Database | None = None
+        if not config.conformance:
+            assert config.databaseURL is not None, "developmentDefaults fills it in"
+            self.database = Database(
+                config.databaseURL,
+                size=config.databasePoolSize,
+                statement_timeout=config.statementTimeout,
+                schema=config.databaseSchema,
+                reactor=reactor,
+            )
+        self.factory = MarketplaceFactory(verifierFor(config.jwt, reactor), config.limits, reactor)
+        if config.conformance:
+            self.factory.protocol = ConformanceProtocol
+        self.health = Health(reactor.seconds, lambda: len(self.factory.connections))
+        self.ports: list[IListeningPort] = []
+        self.ready: Deferred[None] = Deferred()
+        self._starting: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.ownsProcess:
+            self.reactor.addSystemEventTrigger("after", "shutdown", self._exitStatus)
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._fatal)
+
+    def _exitStatus(self) -> None:
+        """
+        Under C{twist}, hand the supervisor the outcome: non-zero after a failed start;
+        0 after a graceful SIGTERM/SIGINT shutdown, which twist would otherwise report by
+        re-raising the signal (exit 143), making a clean stop look like a crash to Docker
+        and Kubernetes.
+        """
+        if self.exitCode:
+            for stream in (sys.__stdout__, sys.__stderr__):
+                if stream is not None:
+                    stream.flush()
+            # twist exits 0 whenever its reactor stops: this is the only way left to
+            # report a failed start once everything has been shut down.
+            os._exit(self.exitCode)
+        self.reactor._exitSignal = None
+
+    async def _start(self) -> None:
+        config = self.config
+        if self.database is not None:
+            await self._startDatabase(self.database)
+        else:
+            _log.warn("conformance mode: echoing every message, no authentication")
+        await self._listen("WebSocket", config.wsEndpoint, config.wsSource, self.factory)
+        await self._listen("HTTP", config.httpEndpoint, config.httpSource, site(self.health))
+        _log.info("marketplace-ws ready")
+        self.ready.callback(None)
+
+    async def _startDatabase(self, database: Database) -> None:
+        config = self.config
+        try:
+            await database.start()
+        except DatabaseUnreachable as e:
+            raise ConfigError("DATABASE_URL (--database-url)", str(e)) from None
+        if config.migrate:
+            applied = await migrate(database, config.databaseSchema)
+            _log.info(
+                "database schema {schema}: {count} migration(s) applied {versions}",
+                schema=config.databaseSchema,
+                count=len(applied),
+                versions=applied,
+            )
+
+    async def _listen(self, what: str, description: str, source: str, factory: Any) -> None:
+        endpoint = serverFromString(self.reactor, description)
+        try:
+            port = await endpoint.listen(factory)
+        except CannotListenError as e:
+            problem = e.socketError
+            reason = getattr(problem, "strerror", None) or str(problem)
+            raise ConfigError(source, f"cannot listen on {description}: {reason}") from None
+        self.ports.append(port)
+        address = port.getHost()
+        _log.info(
+            "{what} listening on {host}:{port}",
+            what=what,
+            host=getattr(address, "host", address),
+            port=getattr(address, "port", None),
+            listener=what.lower(),
+        )
+
+    def _fatal(self, failure: Failure) -> None:
+        """
+        Report a start-up failure in one line; under C{twist}, make the process exit
+        non-zero. In-process users (tests) see it as the failure of C{ready}.
+        """
+        if failure.check(defer.CancelledError) and not self.running:
+            return  # stopped while starting: not a failure
+        if failure.check(ConfigError):
+            line = str(failure.value)
+            self.exitCode = EX_CONFIG
+        else:
+            _log.failure("start-up failed", failure)
+            line = f"start-up failed: {failure.getErrorMessage()}"
+            self.exitCode = 1
+        _log.critical("{line}", line=line)
+        if not self.ownsProcess:
+            self.ready.errback(failure)
+            return
+        # twist has redirected sys.stderr into the log by now: write to the real one.
+        stderr = sys.__stderr__
+        if stderr is not None:
+            stderr.write(f"marketplace-ws: {line}\n")
+            stderr.flush()
+        self.reactor.callWhenRunning(self.reactor.stop)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        stopping = Deferred.fromCoroutine(self._stop())
+        return stopping
+
+    async def _stop(self) -> None:
+        """
+        Stop accepting, close every WebSocket with 1001, let in-flight database work
+        finish, all within C{shutdownTimeout}; what is still open then is cut.
+        """
+        timeout = self.config.shutdownTimeout
+        deadline = self.reactor.seconds() + timeout
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        for port in self.ports:
+            await maybeDeferred(port.stopListening)
+        self.ports = []
+        count = len(self.factory.connections)
+        closing = self.factory.closeAll()
+        closing.addTimeout(timeout, self.reactor)
+        try:
+            await closing
+        except defer.TimeoutError:
+            _log.warn(
+                "shutdown: {left} connection(s) did not close in {timeout}s; cutting them",
+                left=len(self.factory.connections),
+                timeout=timeout,
+            )
+            self.factory.abortAll()
+        if self.database is not None:
+            remaining = max(0.0, deadline - self.reactor.seconds())
+            await self.database.close(timeout=remaining)
+        if self.embedded is not None:
+            await deferToThread(self.embedded.cleanup)
+        _log.info("shutdown complete: closed {count} connection(s)", count=count)
