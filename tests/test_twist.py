@@ -18,7 +18,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.trial.unittest import TestCase
 
 from marketplace_ws.auth import mintToken
-from marketplace_ws.client import connect
+from marketplace_ws.client import Closed, connect
 from marketplace_ws.db import parse_database_url
 from tests import pg
 from tests.serverprocess import ServerProcess, baseEnvironment, binary, runCommand, spawnServer
@@ -262,6 +262,34 @@ class PrismaURLTests(ServerTestMixin, TestCase):
         self.assertEqual(await server.ended, 0)
 
 
+class PrismaSSLTests(ServerTestMixin, TestCase):
+    timeout = 60
+
+    async def test_sslmodeReachesLibpq(self) -> None:
+        """
+        With Prisma's parameters and C{sslmode=require}, the Prisma ones are dropped
+        and C{sslmode} reaches libpq: against this test server, which has no TLS, the
+        start is refused for exactly that reason, naming DATABASE_URL.
+        """
+        url = parse_database_url(pg.database_url())
+        if url.host is None or url.host.startswith("/"):
+            self.skipTest("the test server is on a Unix socket, where libpq ignores sslmode")
+        prisma = (
+            f"postgresql://{url.user or 'postgres'}:pw-not-logged@{url.host}:{url.port or 5432}"
+            f"/{url.dbname}?schema=public&connection_limit=5&pgbouncer=true&sslmode=require"
+        )
+        server = self.startServer(
+            ["--ws-port", "0", "--http-port", "0"], {"JWT_SECRET": SECRET, "DATABASE_URL": prisma}
+        )
+        server.ready.addErrback(lambda _: None)
+        self.assertNotEqual(await server.ended, 0)
+        line = server.stderr.decode().strip()
+        self.assertIn("DATABASE_URL", line)
+        self.assertIn("SSL", line)
+        self.assertNotIn("pw-not-logged", line)
+        self.assertNotIn("connection_limit", line)
+
+
 class HelpTests(TestCase):
     timeout = 60
 
@@ -284,3 +312,37 @@ class HelpTests(TestCase):
             self.assertIn(setting.env, text)
             if setting.default is not None and not setting.boolean:
                 self.assertIn(f"default {setting.default!r}", text)
+
+
+class SecretsInLogsTests(ServerTestMixin, TestCase):
+    timeout = 60
+
+    async def test_noTokenOrSecretInLogs(self) -> None:
+        """
+        A run that sees good, bad and expired tokens by every transport, refusals and a
+        shutdown writes none of the tokens and none of the secrets to its output.
+        """
+        server = self.startServer(
+            ["--ws-port", "0", "--http-port", "0", *self.databaseArgs()],
+            {"JWT_SECRET": SECRET, "HTTP_API_SECRET": API_SECRET},
+        )
+        await server.ready
+        url = f"ws://127.0.0.1:{server.wsPort}/"
+        good = mintToken(SECRET, "u1")
+        expired = mintToken(SECRET, "u2", ttl=-100)
+        forged = mintToken("f" * 40, "u3")
+        client = await connect(f"{url}?token={good}")
+        await client.request("auth", token=good)
+        await client.close()
+        await (await connect(url, good)).close()
+        for token in (expired, forged, "garbage-token-value"):
+            with self.assertRaises(Closed):
+                await connect(f"{url}?token={token}")
+            with self.assertRaises(Closed):
+                await connect(url, token)
+        server.signal(signal.SIGTERM)
+        self.assertEqual(await server.ended, 0)
+        output = (server.stdout + server.stderr).decode()
+        self.assertIn("refused", output)
+        for secret in (good, expired, forged, "garbage-token-value", SECRET, API_SECRET):
+            self.assertNotIn(secret, output)

@@ -135,6 +135,18 @@ class MarketplaceService(MultiService):
 
     async def _startDatabase(self, database: Database) -> None:
         config = self.config
+        url = database.url
+        if url.ignored:
+            _log.warn(
+                "DATABASE_URL: ignoring parameters libpq does not know: {names}",
+                names=", ".join(url.ignored),
+            )
+        if url.pgbouncer:
+            _log.warn(
+                "DATABASE_URL has pgbouncer=true: PgBouncer transaction pooling drops "
+                "LISTEN and per-session settings; point marketplace-ws at a direct "
+                "connection (Prisma's directUrl) for live outbox delivery"
+            )
         try:
             await database.start()
         except DatabaseUnreachable as e:
