@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,11 @@ def startEmbeddedPostgres(dataDir: Path) -> tuple[str, Any]:
     @return: its URL and the server object, whose C{cleanup()} stops it.
     """
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): noise
+            # on the first line an operator reads.
+            warnings.simplefilter("ignore")
+            import pgserver
     except ImportError:
         raise EmbeddedUnavailable(
             "is not set and the embedded PostgreSQL is not installed: "
@@ -81,7 +86,9 @@ def startEmbeddedPostgres(dataDir: Path) -> tuple[str, Any]:
     pgdata = (dataDir / "postgres").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     try:
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = pgserver.get_server(pgdata, cleanup_mode="stop")
     except Exception as e:  # noqa: BLE001 - pgserver raises plain exceptions
         raise EmbeddedUnavailable(
             f"is not set and the embedded PostgreSQL in {pgdata} failed to start: {e}"
