@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.logger import LogPublisher, formatEvent
+from twisted.logger import ILogObserver, LogEvent, LogPublisher, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import provider
 
 from marketplace_ws.auth import mintToken
 from marketplace_ws.redact import REDACTED, installRedaction, redact
@@ -34,7 +35,12 @@ class RedactTests(SynchronousTestCase):
         publisher = LogPublisher()
         installRedaction(publisher)
         written: list[str] = []
-        publisher.addObserver(lambda event: written.append(formatEvent(event)))
+
+        @provider(ILogObserver)
+        def writer(event: LogEvent) -> None:
+            written.append(formatEvent(event))
+
+        publisher.addObserver(writer)
 
         class Request:
             def __str__(self) -> str:
