@@ -20,7 +20,7 @@ from autobahn.twisted.websocket import (
     WebSocketClientProtocol,
     connectWS,
 )
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred, DeferredQueue, fail, succeed
 
 from marketplace_ws.protocol import SUBPROTOCOL
 
@@ -66,7 +66,9 @@ class ClientFactory(WebSocketClientFactory):
         self.welcome: Deferred[dict[str, Any]] = Deferred()
         self.frames: DeferredQueue[dict[str, Any]] = DeferredQueue()
         self.pending: dict[str, Deferred[Any]] = {}
-        self.closedWith: Deferred[tuple[int | None, str | None]] = Deferred()
+        #: C{(code, reason)} once the connection has closed.
+        self.closedWith: tuple[int | None, str | None] | None = None
+        self._closeWaiters: list[Deferred[tuple[int | None, str | None]]] = []
         self.onFrame: Callable[[dict[str, Any]], None] | None = None
 
     def received(self, frame: dict[str, Any]) -> None:
@@ -91,14 +93,31 @@ class ClientFactory(WebSocketClientFactory):
         if not self.welcome.called:
             self.welcome.errback(reason)
 
+    def whenClosed(self) -> Deferred[tuple[int | None, str | None]]:
+        """
+        Fires with C{(code, reason)} when the connection closes. Each call has a
+        Deferred of its own: awaiting a Deferred consumes its result, and every
+        caller should see the close code.
+        """
+        if self.closedWith is not None:
+            return succeed(self.closedWith)
+        waiter: Deferred[tuple[int | None, str | None]] = Deferred()
+        self._closeWaiters.append(waiter)
+        return waiter
+
     def closed(self, code: int | None, reason: str | None) -> None:
+        if self.closedWith is not None:
+            return
+        self.closedWith = (code, reason)
         if not self.welcome.called:
             self.welcome.errback(Closed(code, reason))
-        for waiter in self.pending.values():
+        # Taken first: a waiter's callbacks may send the next request.
+        pending, self.pending = self.pending, {}
+        for waiter in pending.values():
             waiter.errback(Closed(code, reason))
-        self.pending.clear()
-        if not self.closedWith.called:
-            self.closedWith.callback((code, reason))
+        waiters, self._closeWaiters = self._closeWaiters, []
+        for closeWaiter in waiters:
+            closeWaiter.callback((code, reason))
 
 
 class Client:
@@ -118,15 +137,22 @@ class Client:
 
     @property
     def closed(self) -> Deferred[tuple[int | None, str | None]]:
-        """Fires with C{(code, reason)} when the connection closes."""
-        return self._factory.closedWith
+        """Fires with C{(code, reason)} when the connection closes (a new Deferred each time)."""
+        return self._factory.whenClosed()
 
     def sendRaw(self, payload: bytes, isBinary: bool = False) -> None:
         assert self._factory.connection is not None
         self._factory.connection.sendMessage(payload, isBinary=isBinary)
 
     def request(self, kind: str, **params: Any) -> Deferred[Any]:
-        """Send a request; the Deferred fires with its result or fails with ServerError."""
+        """
+        Send a request; the Deferred fires with its result or fails with ServerError,
+        or with L{Closed} if the connection closes first (or has closed already).
+        """
+        connection = self._factory.connection
+        if connection is None or connection.state != connection.STATE_OPEN:
+            code, reason = self._factory.closedWith or (None, "the connection is closing")
+            return fail(Closed(code, reason))
         requestId = str(next(self._ids))
         waiter: Deferred[Any] = Deferred()
         self._factory.pending[requestId] = waiter

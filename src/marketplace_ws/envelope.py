@@ -91,7 +91,9 @@ def parseRequest(payload: bytes | str) -> Request:
     @raise OpError: C{bad_request}, carrying the request's id when it could be read.
     """
     try:
-        value = json.loads(payload)
+        # Decoded here, strictly: json.loads would take bytes for UTF-16 or UTF-32 when
+        # they hold NULs (valid UTF-8, so a text frame may), and let surrogates through.
+        value = json.loads(payload.decode("utf-8") if isinstance(payload, bytes) else payload)
     except (ValueError, RecursionError):
         raise OpError(BAD_REQUEST, "frame is not valid JSON") from None
     if not isinstance(value, dict):
@@ -114,7 +116,12 @@ def error(requestId: RequestId, code: str, message: str) -> dict[str, Any]:
 
 def encode(frame: Mapping[str, Any]) -> bytes:
     """Serialise a frame the one way every frame is sent."""
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON lets a client send "\ud800" in an id or a field)
+        # cannot be UTF-8: escaped, it goes back exactly as the client sent it.
+        return json.dumps(frame, separators=(",", ":")).encode("ascii")
 
 
 def field(

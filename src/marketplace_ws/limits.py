@@ -8,6 +8,7 @@ whatever the client sends.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 from attrs import field, frozen
@@ -30,10 +31,16 @@ class Rate:
         seconds = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(unit.strip() or "s")
         if seconds is None:
             raise ValueError(f"{text!r}: the unit after / must be s, m or h")
-        rate = float(count) / seconds
-        burst = float(burstText) if burstText else max(1.0, float(count))
-        if rate <= 0 or burst < 1:
-            raise ValueError(f"{text!r}: rate must be positive and burst at least 1")
+        try:
+            perUnit = float(count)
+            burst = float(burstText) if burstText else max(1.0, perUnit)
+        except ValueError:
+            raise ValueError(f"{text!r} is not RATE/UNIT[:BURST] (for example 20/s:40)") from None
+        rate = perUnit / seconds
+        # Negated so that NaN, which compares false with everything, is refused too: it
+        # would make a bucket that always (NaN rate) or never (NaN burst) allows.
+        if not (0 < rate < math.inf and 1 <= burst < math.inf):
+            raise ValueError(f"{text!r}: rate must be positive and burst at least 1, both finite")
         return cls(rate=rate, burst=burst)
 
 
@@ -48,6 +55,8 @@ def parseRates(text: str) -> dict[str, Rate]:
         op, sep, spec = part.partition("=")
         if not sep or not op.strip():
             raise ValueError(f"{part.strip()!r} is not OP=RATE (for example typing=2/s)")
+        if op.strip() in rates:
+            raise ValueError(f"{op.strip()!r} has two rates; give each op one")
         rates[op.strip()] = Rate.parse(spec)
     return rates
 
@@ -63,7 +72,10 @@ class TokenBucket:
 
     def take(self) -> bool:
         now = self._clock()
-        self._tokens = min(self._rate.burst, self._tokens + (now - self._stamp) * self._rate.rate)
+        # The reactor's clock is wall time: when it steps back (NTP), no refill, but no
+        # debt of an hour's worth of tokens either.
+        elapsed = max(0.0, now - self._stamp)
+        self._tokens = min(self._rate.burst, self._tokens + elapsed * self._rate.rate)
         self._stamp = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0

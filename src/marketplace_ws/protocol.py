@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from http.cookies import CookieError, SimpleCookie
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -23,6 +22,7 @@ from autobahn.util import encode_truncate
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -85,7 +85,9 @@ def originAllowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     candidate = normaliseOrigin(origin)
     for entry in allowed:
         if entry.startswith(("https://*.", "http://*.")):
-            scheme, _, suffix = entry.partition("://*")
+            # Normalised like an origin, so "https://*.example.com:443" matches
+            # "https://shop.example.com" as its exact counterpart would.
+            scheme, _, suffix = normaliseOrigin(entry.replace("*.", "x.", 1)).partition("://x")
             if candidate.startswith(scheme + "://") and candidate.endswith(suffix):
                 return True
         elif candidate == normaliseOrigin(entry):
@@ -101,16 +103,50 @@ def _bearer(headers: dict[str, str]) -> str | None:
 
 
 def _cookie(headers: dict[str, str], name: str) -> str | None:
+    """
+    The cookie C{name}, split the lenient way browsers send cookies. Not with
+    C{http.cookies.SimpleCookie}: it silently drops every cookie after one it finds
+    invalid (a JSON value, a space, a name without a value), and the other cookies on
+    the app's domain are not ours to choose.
+    """
     raw = headers.get("cookie")
     if not raw or not name:
         return None
-    jar: SimpleCookie = SimpleCookie()
-    try:
-        jar.load(raw)
-    except CookieError:
-        return None
-    morsel = jar.get(name)
-    return morsel.value if morsel is not None and morsel.value else None
+    for pair in raw.split(";"):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip() == name:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            if value:
+                return value
+    return None
+
+
+class _Call:
+    __slots__ = ("_call",)
+
+    def __init__(self, call: IDelayedCall) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+class _ReactorTimer:
+    """
+    The timer Autobahn schedules its open-handshake, ping and close-handshake
+    timeouts with, on plain C{reactor.callLater}. txaio's batched timer, the
+    default, truncates every deadline to a whole second (C{int(now + delay)}): a
+    timeout fires up to a second early, and a sub-second one at once.
+    """
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self._reactor = reactor
+
+    def call_later(self, delay: float, f: Callable[..., Any], *args: Any, **kwargs: Any) -> _Call:
+        return _Call(self._reactor.callLater(delay, f, *args, **kwargs))
 
 
 class ClientProtocol(WebSocketServerProtocol):
@@ -159,16 +195,24 @@ class ClientProtocol(WebSocketServerProtocol):
                 if e.reason == "keys_unavailable":
                     raise ConnectionDeny(503, "token keys unavailable, retry later") from None
                 raise ConnectionDeny(401, e.message) from None
+            if self.state == self.STATE_CLOSED:
+                # The client left (or its handshake timed out) while the token was
+                # being checked: Autobahn would still open it and leave it registered.
+                raise ConnectionDeny(400, "connection closed during the handshake")
         return SUBPROTOCOL if request.protocols else None
 
     def _refused(self, reason: str, request: ConnectionRequest) -> None:
-        self.factory.refusals[reason] = self.factory.refusals.get(reason, 0) + 1
+        self._count(reason)
         _log.info(
             "connection {connectionId} from {peer} refused: {reason}",
             connectionId=self.connectionId,
             peer=request.peer,
             reason=reason,
         )
+
+    def _count(self, reason: str) -> None:
+        """Count a connection turned away, by reason (see L{MarketplaceFactory.refusals})."""
+        self.factory.refusals[reason] = self.factory.refusals.get(reason, 0) + 1
 
     def onOpen(self) -> None:
         if self.identity is not None:
@@ -178,13 +222,19 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def _authTimedOut(self) -> None:
         if self.identity is None:
+            self._count("auth_timeout")
             self.close(CLOSE_AUTH, "authentication timed out")
 
     def _welcome(self, identity: Identity) -> None:
+        if self.state != self.STATE_OPEN:
+            # Verified after the connection began closing (auth timeout, the client
+            # left): registering it now would keep it listed forever.
+            return
         factory = self.factory
         self.identity = identity
         mine = factory.byUser.setdefault(identity.userId, set())
         if len(mine) >= factory.limits.maxConnectionsPerUser:
+            self._count("too_many_connections")
             self.close(CLOSE_LIMIT, "too many connections for this user")
             return
         mine.add(self)
@@ -312,14 +362,13 @@ class ClientProtocol(WebSocketServerProtocol):
         """
         token = request.params.get("token")
         if request.type != "auth" or not isinstance(token, str) or not token:
+            self._count("auth_required")
             self.close(CLOSE_AUTH, "authenticate first")
             return
 
         def rejected(failure: Failure) -> None:
             if failure.check(TokenRejected):
-                self.factory.refusals[failure.value.reason] = (
-                    self.factory.refusals.get(failure.value.reason, 0) + 1
-                )
+                self._count(failure.value.reason)
                 self.close(CLOSE_AUTH, failure.value.message)
             else:
                 self._failed(failure, request)
@@ -331,6 +380,13 @@ class ClientProtocol(WebSocketServerProtocol):
         timers = getattr(self, "_timers", None)
         if timers:
             self._cancelTimers()
+        # Autobahn leaves its close-handshake timer running when the TCP connection
+        # goes first (a second protocol error drops it at once): it would hold this
+        # closed connection for closeHandshakeTimeout seconds.
+        closeTimeout = getattr(self, "closeHandshakeTimeoutCall", None)
+        if closeTimeout is not None:
+            closeTimeout.cancel()
+            self.closeHandshakeTimeoutCall = None
         factory = self.factory
         if self in factory.connections:
             factory.connections.discard(self)
@@ -401,17 +457,22 @@ class MarketplaceFactory(WebSocketServerFactory):
     def __init__(
         self, verifier: Verifier, limits: ConnectionLimits | None = None, reactor: Any = None
     ) -> None:
-        super().__init__(reactor=reactor)
+        # server=None: no Server header naming Autobahn and its version in the 101.
+        super().__init__(server=None, reactor=reactor)
         if reactor is None:
             from twisted.internet import reactor as defaultReactor
 
             reactor = defaultReactor
         self.reactor = reactor
+        self._batched_timer = _ReactorTimer(reactor)
         self.verifier = verifier
         self.limits = limits = limits or ConnectionLimits()
         self.connections: set[ClientProtocol] = set()
         self.byUser: dict[str, set[ClientProtocol]] = {}
         self.closeWaiters: dict[ClientProtocol, list[Deferred[None]]] = {}
+        #: Connections turned away, by reason: a token's rejection reason (see
+        #: L{marketplace_ws.auth.REASONS}), C{origin}, C{subprotocol}, C{auth_timeout},
+        #: C{auth_required} (a request before C{auth}) and C{too_many_connections}.
         self.refusals: dict[str, int] = {}
         # Autobahn's server defaults are permissive (no size limits, any Origin, a
         # status page revealing its version, no pings): every option is set here.
