@@ -1,0 +1,135 @@
+"""
+The broker: what carries events between the processes of one deployment (SPEC §7).
+
+The hub of each process publishes through the broker and receives every event on the
+channels it watches through the delivery function it registered. Everything that must
+be consistent across processes happens behind this interface, so that the Redis
+implementation can do each of them in one atomic step: allocating a channel's next
+C{seq}, keeping its bounded history, remembering idempotency keys, and counting which
+users are online.
+
+L{memory.MemoryBroker} does all of it in one process; it is what runs without
+C{REDIS_URL}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from zope.interface import Interface
+
+
+@frozen
+class Event:
+    """
+    One event as published on a channel: C{seq} is its place in the channel, C{time}
+    when the broker accepted it (seconds, the broker's clock).
+    """
+
+    channel: str
+    seq: int
+    event: str
+    data: Any
+    time: float
+
+
+@frozen
+class Published:
+    """
+    The answer to a publish: the event's C{seq}; C{duplicate} when its idempotency key
+    was seen within the window, in which case C{seq} is the original event's and
+    nothing was published again.
+    """
+
+    channel: str
+    seq: int
+    duplicate: bool = False
+
+
+@frozen
+class Recovery:
+    """
+    What a channel's history holds after C{since}.
+
+    When C{recovered}, C{events} are every event with C{since < seq <= self.seq}, in
+    order. Otherwise the history no longer reaches back to C{since} (or C{since} is not
+    a position this channel has been at), C{events} is empty, and C{seq} is where the
+    channel is now.
+    """
+
+    events: tuple[Event, ...]
+    recovered: bool
+    seq: int
+
+
+Delivery = Callable[[Event], None]
+
+
+class IBroker(Interface):
+    """
+    Sequence, history, idempotency and presence, shared by every process.
+    """
+
+    def setDelivery(deliver: Delivery) -> None:
+        """
+        Send every event published on a watched channel, by any process, to
+        C{deliver}, once each and in C{seq} order per channel.
+        """
+
+    def watch(channel: str) -> Deferred[None]:
+        """
+        Start delivering this channel's events to this process. Fires once every event
+        published after it fires is sure to be delivered, so that a history read after
+        it leaves no gap with live delivery.
+
+        Watches are counted: a channel is delivered while it has been watched more
+        times than unwatched. (The hub unwatches only a watch that has fired, but may
+        watch a channel again while an unwatch is in flight.)
+        """
+
+    def unwatch(channel: str) -> Deferred[None]:
+        """
+        Undo one L{watch} (the last local subscriber has gone).
+        """
+
+    def publish(
+        channel: str, event: str, data: Any, idempotencyKey: str | None = None
+    ) -> Deferred[Published]:
+        """
+        Give the event the channel's next C{seq}, keep it in the channel's history and
+        deliver it. With an C{idempotencyKey} already used on this channel within the
+        window, do nothing and answer the original C{seq}.
+
+        C{data} must be JSON-serialisable.
+        """
+
+    def history(channel: str, since: int) -> Deferred[Recovery]:
+        """
+        The events after C{since}, if the history still holds all of them.
+        """
+
+    def currentSeq(channel: str) -> Deferred[int]:
+        """
+        The C{seq} of the channel's latest event (or where it starts, before any).
+        """
+
+    def addPresence(userId: str, connectionId: str) -> Deferred[bool]:
+        """
+        A connection of this user opened. C{True} when the user just came online.
+        """
+
+    def removePresence(userId: str, connectionId: str) -> Deferred[bool]:
+        """
+        A connection of this user closed. C{True} when the user just went offline.
+        """
+
+    def online(userIds: Iterable[str]) -> Deferred[dict[str, bool]]:
+        """
+        Which of these users have at least one open connection anywhere.
+        """
+
+
+__all__ = ["Delivery", "Event", "IBroker", "Published", "Recovery"]
