@@ -341,10 +341,12 @@ class _Connection(txpostgres.Connection):  # type: ignore[misc, unused-ignore]
     def doRead(self) -> BaseException | None:
         # When the server closes an idle connection, psycopg2's poll() raises here; the
         # reactor would log that as an unhandled error. Returning it instead makes the
-        # reactor call connectionLost with it, which wakes the detector.
+        # reactor call connectionLost with it, which wakes the detector. When libpq has
+        # already dropped the socket, fileno() is -1 and txpostgres' addReader raises
+        # ValueError: the same event, seen a moment later.
         try:
             super().doRead()
-        except psycopg2.Error as e:
+        except (psycopg2.Error, ValueError) as e:
             return e
         return None
 
