@@ -311,6 +311,47 @@ class PresenceTests(BrokerTestCase):
         self.assertTrue(self.result(broker.removePresence("u", "c1")))
 
 
+class MembershipTests(BrokerTestCase):
+    def test_firstJoinLastLeave(self) -> None:
+        """
+        A user joins a channel with their first connection on it and leaves with their
+        last: a second tab neither joins again nor, closing, leaves.
+        """
+        broker = self.broker()
+        ch = "conversation:1"
+        self.assertTrue(self.result(broker.join(ch, "u", "c1")))
+        self.assertFalse(self.result(broker.join(ch, "u", "c2")))
+        self.assertTrue(self.result(broker.join(ch, "v", "c3")))
+        self.assertEqual(self.result(broker.members(ch)), ["u", "v"])
+        self.assertFalse(self.result(broker.leave(ch, "u", "c1")))
+        self.assertEqual(self.result(broker.members(ch)), ["u", "v"])
+        self.assertTrue(self.result(broker.leave(ch, "u", "c2")))
+        self.assertFalse(self.result(broker.leave(ch, "u", "c2")))
+        self.assertTrue(self.result(broker.leave(ch, "v", "c3")))
+        self.assertEqual(self.result(broker.members(ch)), [])
+        self.assertEqual(broker._members, {})
+
+    def test_leaveUnknown(self) -> None:
+        broker = self.broker()
+        self.assertFalse(self.result(broker.leave("listing:1", "u", "c1")))
+
+
+class BroadcastTests(BrokerTestCase):
+    def test_ephemeral(self) -> None:
+        """
+        A broadcast is delivered with seq 0 and takes no place in the sequence or the
+        history.
+        """
+        broker = self.broker()
+        self.publish(broker, "listing:1")
+        self.result(broker.broadcast("listing:1", "typing", {"a": 1}, exclude="u"))
+        self.publish(broker, "listing:1")
+        self.assertEqual([e.seq for e in self.delivered], [1, 0, 2])
+        self.assertEqual(self.delivered[1].exclude, "u")
+        self.assertTrue(self.delivered[1].ephemeral)
+        self.assertEqual(self.seqs(self.result(broker.history("listing:1", 0))), [1, 2])
+
+
 class HistoryModelTests(BrokerTestCase):
     @settings(derandomize=True, max_examples=200, deadline=None)
     @given(

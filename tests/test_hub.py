@@ -46,8 +46,9 @@ T = TypeVar("T")
 class Recorder:
     """A subscriber that keeps what it is sent."""
 
-    def __init__(self, connectionId: str = "c1") -> None:
+    def __init__(self, connectionId: str = "c1", userId: str = "u1") -> None:
         self.connectionId = connectionId
+        self.userId = userId
         self.sent: list[tuple[bytes, Any]] = []
 
     def deliver(self, frame: bytes, prepared: Any) -> None:
@@ -176,6 +177,20 @@ class ControlledBroker:
     def online(self, userIds: Iterable[str]) -> Deferred[dict[str, bool]]:
         return self.inner.online(userIds)
 
+    def broadcast(
+        self, channel: str, event: str, data: Any, exclude: str | None = None
+    ) -> Deferred[None]:
+        return self.inner.broadcast(channel, event, data, exclude)
+
+    def join(self, channel: str, userId: str, connectionId: str) -> Deferred[bool]:
+        return self.inner.join(channel, userId, connectionId)
+
+    def leave(self, channel: str, userId: str, connectionId: str) -> Deferred[bool]:
+        return self.inner.leave(channel, userId, connectionId)
+
+    def members(self, channel: str) -> Deferred[list[str]]:
+        return self.inner.members(channel)
+
 
 class HubTestCase(SynchronousTestCase):
     def setUp(self) -> None:
@@ -267,6 +282,46 @@ class DeliveryTests(HubTestCase):
             self.assertEqual(len(frames), 1)
             self.assertEqual(len(shared), 1)
             self.assertIs(subscribers[0].sent[n][0], prepared[n])
+
+    def test_ephemeral(self) -> None:
+        """
+        A broadcast reaches live subscribers with seq null, skips the excluded user's
+        connections, and does not move anyone's position.
+        """
+        alice, alice2, bob = Recorder("a", "alice"), Recorder("a2", "alice"), Recorder("b", "bob")
+        for subscriber in (alice, alice2, bob):
+            self.subscribe(subscriber)
+        self.successResultOf(self.broker.broadcast("listing:1", "typing", {"x": 1}, "alice"))
+        self.assertEqual((alice.sent, alice2.sent), ([], []))
+        self.assertEqual(
+            bob.frames(),
+            [
+                {
+                    "type": "event",
+                    "channel": "listing:1",
+                    "event": "typing",
+                    "seq": None,
+                    "data": {"x": 1},
+                }
+            ],
+        )
+        self.publish()
+        self.assertEqual(bob.seqs()[-1], 1)
+        self.assertEqual(alice.seqs(), [1])
+
+    def test_ephemeralNotHeld(self) -> None:
+        """
+        A subscriber still recovering misses ephemeral events: they are not held back
+        with the sequenced ones.
+        """
+        broker = self.controlled()
+        alice = Recorder()
+        subscribing = self.hub.subscribe(alice, LISTING)
+        broker.take("watch").fire()
+        self.successResultOf(self.broker.broadcast("listing:1", "typing", {}, None))
+        broker.take("currentSeq").fire()
+        self.successResultOf(subscribing)
+        self.assertEqual(alice.sent, [])
 
     def test_nobodyListening(self) -> None:
         """
@@ -843,6 +898,8 @@ class Attempt:
 
 class Connection:
     """One connection of a client: a subscriber that files what it receives."""
+
+    userId = "u"
 
     def __init__(self, client: Client, connectionId: str) -> None:
         self.client = client

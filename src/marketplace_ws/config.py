@@ -239,6 +239,55 @@ SETTINGS: tuple[Setting, ...] = (
         "zlib window of a compressed connection, 9-15 (smaller: less memory).",
     ),
     Setting(
+        "max-subscriptions",
+        "WS_MAX_SUBSCRIPTIONS",
+        "100",
+        "Channels one connection may be subscribed to at once (more: forbidden).",
+    ),
+    Setting(
+        "max-send-buffer",
+        "WS_MAX_SEND_BUFFER",
+        "1048576",
+        "Bytes of events queued for one connection that is not reading before it is "
+        "closed as a slow consumer (4008).",
+    ),
+    Setting(
+        "typing-timeout",
+        "WS_TYPING_TIMEOUT",
+        "6",
+        "Seconds a typing indicator lasts unless the client repeats it.",
+    ),
+    Setting(
+        "history-size",
+        "HISTORY_SIZE",
+        "100",
+        "Events kept per channel for recovery with subscribe {since} (0: none).",
+    ),
+    Setting(
+        "history-age",
+        "HISTORY_TTL",
+        "300",
+        "Seconds an event stays in its channel's history.",
+    ),
+    Setting(
+        "idempotency-window",
+        "IDEMPOTENCY_WINDOW",
+        "600",
+        "Seconds a publish idempotencyKey is remembered for deduplication.",
+    ),
+    Setting(
+        "http-max-body",
+        "HTTP_MAX_BODY",
+        "1048576",
+        "Largest HTTP API request body in bytes (larger: 413).",
+    ),
+    Setting(
+        "http-cors-origins",
+        "HTTP_CORS_ORIGINS",
+        None,
+        "Comma-separated browser origins allowed to call the HTTP API (CORS); unset: none.",
+    ),
+    Setting(
         "conformance",
         "MARKETPLACE_WS_CONFORMANCE",
         "false",
@@ -412,6 +461,15 @@ class JWTSettings:
 
 
 @frozen
+class DeliverySettings:
+    """How long events are remembered: recovery history and publish deduplication."""
+
+    historySize: int = 100
+    historyAge: float = 300.0
+    idempotencyWindow: float = 600.0
+
+
+@frozen
 class Config:
     """
     The validated settings of one server process.
@@ -429,6 +487,9 @@ class Config:
     jwt: JWTSettings
     httpApiSecret: str | None = field(repr=False)
     limits: ConnectionLimits
+    delivery: DeliverySettings
+    httpMaxBody: int
+    corsOrigins: tuple[str, ...]
     dataDir: Path
     production: bool
     conformance: bool
@@ -510,6 +571,14 @@ def _jwt(options: Mapping[str, Any], env: Mapping[str, str], production: bool) -
     )
 
 
+def _origins(setting: Setting, text: str | None) -> tuple[str, ...]:
+    origins = tuple(o.strip() for o in (text or "").split(",") if o.strip())
+    for origin in origins:
+        if urlsplit(origin).scheme not in ("http", "https") or not urlsplit(origin).netloc:
+            raise ConfigError(setting, f"{origin!r} is not an origin like https://app.example.com")
+    return origins
+
+
 def _limits(options: Mapping[str, Any], env: Mapping[str, str]) -> ConnectionLimits:
     s = BY_FLAG
 
@@ -521,13 +590,7 @@ def _limits(options: Mapping[str, Any], env: Mapping[str, str]) -> ConnectionLim
         rates = parseRates(ratesText)
     except ValueError as e:
         raise ConfigError(s["rate-limits"], str(e)) from None
-    originsText = raw(s["allowed-origins"], options, env) or ""
-    origins = tuple(o.strip() for o in originsText.split(",") if o.strip())
-    for origin in origins:
-        if urlsplit(origin).scheme not in ("http", "https") or not urlsplit(origin).netloc:
-            raise ConfigError(
-                s["allowed-origins"], f"{origin!r} is not an origin like https://app.example.com"
-            )
+    origins = _origins(s["allowed-origins"], raw(s["allowed-origins"], options, env))
     bits = number("deflate-window-bits", int, 9)
     if bits > 15:
         raise ConfigError(s["deflate-window-bits"], f"{bits} is above the maximum of 15")
@@ -547,6 +610,9 @@ def _limits(options: Mapping[str, Any], env: Mapping[str, str]) -> ConnectionLim
         tokenCookie=raw(s["token-cookie"], options, env) or "",
         deflate=_boolean(s["permessage-deflate"], raw(s["permessage-deflate"], options, env)),
         deflateWindowBits=bits,
+        maxSubscriptions=number("max-subscriptions", int, 1),
+        maxSendBuffer=number("max-send-buffer", int, 1024),
+        typingTimeout=number("typing-timeout", float, 0.1),
     )
 
 
@@ -614,6 +680,15 @@ def configFromOptions(
         jwt=_jwt(options, env, production),
         httpApiSecret=_secret(s["http-api-secret"], text("http-api-secret"), production),
         limits=_limits(options, env),
+        delivery=DeliverySettings(
+            historySize=_number(s["history-size"], text("history-size") or "", int, 0),
+            historyAge=_number(s["history-age"], text("history-age") or "", float, 0),
+            idempotencyWindow=_number(
+                s["idempotency-window"], text("idempotency-window") or "", float, 0
+            ),
+        ),
+        httpMaxBody=_number(s["http-max-body"], text("http-max-body") or "", int, 1),
+        corsOrigins=_origins(s["http-cors-origins"], text("http-cors-origins")),
         dataDir=Path(text("data-dir") or ".marketplace-ws"),
         production=production,
         conformance=conformance,

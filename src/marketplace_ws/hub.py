@@ -43,6 +43,9 @@ class Subscriber(Protocol):
     """
 
     connectionId: str
+    @property
+    def userId(self) -> str:
+        """Whose connection it is: ephemeral events name a user to skip."""
 
     def deliver(self, frame: bytes, prepared: Any) -> None:
         """
@@ -158,9 +161,23 @@ class Hub:
         frame = pushFrame(event)
         prepared: Any = None
         unprepared = self.prepare is not None
+        ephemeral = event.ephemeral
         # A copy: a subscriber may be unsubscribed while we deliver (a slow consumer
         # closed by its own deliver).
         for sub in list(entry.subscriptions.values()):
+            if ephemeral:
+                # Outside the sequence: only live subscribers, never held or counted.
+                if not (sub.active and sub.live) or (
+                    event.exclude is not None
+                    and sub.subscriber.userId == event.exclude
+                ):
+                    continue
+                if unprepared:
+                    assert self.prepare is not None
+                    prepared = self.prepare(frame)
+                    unprepared = False
+                self._send(sub, frame, prepared)
+                continue
             if not sub.active or event.seq <= sub.last:
                 continue
             if not sub.live:
@@ -429,13 +446,13 @@ def _result(sub: _Subscription, recovered: bool | None, replayed: int) -> dict[s
 
 
 def pushFrame(event: Event) -> bytes:
-    """The push frame of SPEC §4 for one event."""
+    """The push frame of SPEC §4 for one event; an ephemeral one has C{seq: null}."""
     return encode(
         {
             "type": "event",
             "channel": event.channel,
             "event": event.event,
-            "seq": event.seq,
+            "seq": None if event.ephemeral else event.seq,
             "data": event.data,
         }
     )

@@ -134,3 +134,10 @@ class ConnectionLimits:
     deflate: bool = True
     deflateWindowBits: int = 11
     deflateMemLevel: int = 4
+    #: Channels one connection may be subscribed to at once.
+    maxSubscriptions: int = 100
+    #: Bytes queued for a connection whose transport has asked us to pause, before it
+    #: is closed as a slow consumer (4008).
+    maxSendBuffer: int = 1024 * 1024
+    #: Seconds a typing indicator lasts unless repeated.
+    typingTimeout: float = 6.0

@@ -28,8 +28,14 @@ from twisted.python.failure import Failure
 
 from marketplace_ws import envelope
 from marketplace_ws.auth import Identity, TokenRejected, tokenFromQuery
+from marketplace_ws.broker.memory import MemoryBroker
+from marketplace_ws.channels import Authoriser
+from marketplace_ws.conversations import noConversations
+from marketplace_ws.db import DatabaseUnavailable
 from marketplace_ws.envelope import OpError, Request
+from marketplace_ws.hub import Hub
 from marketplace_ws.limits import ConnectionLimits, OpLimiter, Rate, TokenBucket
+from marketplace_ws.live import Live
 
 SUBPROTOCOL = "marketplace.v1"
 
@@ -45,6 +51,11 @@ CLOSE_AUTH = 4001
 CLOSE_DISCONNECTED = 4003
 CLOSE_SLOW = 4008
 CLOSE_LIMIT = 4029
+
+#: Push frames at least this long are compressed for connections that negotiated
+#: permessage-deflate; shorter ones go out uncompressed to every connection as the one
+#: frame prepared for all (see L{MarketplaceFactory.prepare}).
+COMPRESS_FROM = 1024
 
 _log = Logger()
 
@@ -157,6 +168,16 @@ class ClientProtocol(WebSocketServerProtocol):
     factory: MarketplaceFactory
     identity: Identity | None = None
     connectionId: str = ""
+    #: The transport asked us to stop writing (its buffer is full): the peer is not
+    #: reading as fast as events arrive.
+    _paused = False
+    #: Bytes of push frames written since the transport paused us.
+    _backlog = 0
+
+    @property
+    def userId(self) -> str:
+        assert self.identity is not None, "not authenticated yet"
+        return self.identity.userId
 
     def _clock(self) -> float:
         return float(self.factory.reactor.seconds())
@@ -215,6 +236,9 @@ class ClientProtocol(WebSocketServerProtocol):
         self.factory.refusals[reason] = self.factory.refusals.get(reason, 0) + 1
 
     def onOpen(self) -> None:
+        # Streaming producer: the transport tells us when its send buffer fills up and
+        # empties again, which is how a slow consumer is noticed (see deliver).
+        self.transport.registerProducer(_Backpressure(self), True)  # type: ignore[union-attr]
         if self.identity is not None:
             self._welcome(self.identity)
         else:
@@ -246,15 +270,32 @@ class ClientProtocol(WebSocketServerProtocol):
             connectionId=self.connectionId,
             userId=identity.userId,
         )
+        factory.live.opened(self).addCallbacks(self._opened, self._openFailed)
+
+    def _opened(self, userSeq: int) -> None:
+        assert self.identity is not None
         self.send(
             {
                 "type": "welcome",
                 "connectionId": self.connectionId,
-                "userId": identity.userId,
-                "expiresAt": identity.expiresAt,
+                "userId": self.identity.userId,
+                "expiresAt": self.identity.expiresAt,
                 "serverTime": int(time.time() * 1000),
+                # Where the user's channel starts for this connection: a client that
+                # kept a later seq from before can subscribe with since to recover.
+                "userSeq": userSeq,
             }
         )
+
+    def _openFailed(self, failure: Failure) -> None:
+        if self.state != self.STATE_OPEN:
+            return  # closed meanwhile: the subscription was abandoned, nothing to say
+        _log.failure(
+            "connection {connectionId}: subscribing to its user channel failed",
+            failure,
+            connectionId=self.connectionId,
+        )
+        self.close(CLOSE_INTERNAL, "temporarily unavailable, reconnect later")
 
     def refresh(self, identity: Identity) -> None:
         """
@@ -296,6 +337,25 @@ class ClientProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendMessage(envelope.encode(frame), isBinary=False)
 
+    def deliver(self, frame: bytes, prepared: Any) -> None:
+        """
+        Send one push frame from the hub. While the transport has paused us, what is
+        written waits in memory; past C{maxSendBuffer} bytes of it the peer is a slow
+        consumer and is closed with 4008 rather than allowed to grow the server.
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        if self._paused:
+            self._backlog += len(frame)
+            if self._backlog > self.factory.limits.maxSendBuffer:
+                self.factory.slowConsumers += 1
+                self.close(CLOSE_SLOW, "too slow to keep up with events")
+                return
+        if prepared is not None:
+            self.sendPreparedMessage(prepared)
+        else:
+            self.sendMessage(frame, isBinary=False)
+
     def close(self, code: int, reason: str) -> None:
         _log.info(
             "connection {connectionId} closing with {code}: {reason}",
@@ -324,7 +384,7 @@ class ClientProtocol(WebSocketServerProtocol):
             else:
                 self.send(envelope.error(request.id, envelope.RATE_LIMITED, "slow down"))
             return
-        handler = OPS.get(request.type)
+        handler = self.factory.ops.get(request.type)
         if handler is None:
             self._garbageFrame(OpError(envelope.BAD_REQUEST, "unknown type", request.id))
             return
@@ -347,6 +407,10 @@ class ClientProtocol(WebSocketServerProtocol):
         if failure.check(OpError):
             problem = failure.value
             self.send(envelope.error(request.id, problem.code, problem.message))
+            return
+        if failure.check(DatabaseUnavailable):
+            # Nothing was done: the client may retry the same request later.
+            self.send(envelope.error(request.id, envelope.UNAVAILABLE, "database unavailable"))
             return
         _log.failure(
             "connection {connectionId}: {op} failed",
@@ -390,19 +454,42 @@ class ClientProtocol(WebSocketServerProtocol):
         factory = self.factory
         if self in factory.connections:
             factory.connections.discard(self)
-            assert self.identity is not None
-            mine = factory.byUser.get(self.identity.userId)
+            mine = factory.byUser.get(self.userId)
             if mine is not None:
                 mine.discard(self)
                 if not mine:
-                    del factory.byUser[self.identity.userId]
+                    del factory.byUser[self.userId]
+            factory.live.closed(self)
             _log.info(
                 "connection {connectionId} closed ({code})",
                 connectionId=self.connectionId,
-                code=code,
+                # The code this side sent when it closed first, else the peer's.
+                code=self.localCloseCode if self.closedByMe else code,
             )
         for waiter in factory.closeWaiters.pop(self, []):
             waiter.callback(None)
+
+
+class _Backpressure:
+    """
+    The streaming producer registered on a connection's transport: it only records
+    whether the transport wants writing to stop.
+    """
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: ClientProtocol) -> None:
+        self._connection = connection
+
+    def pauseProducing(self) -> None:
+        self._connection._paused = True
+
+    def resumeProducing(self) -> None:
+        self._connection._paused = False
+        self._connection._backlog = 0
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class ConformanceProtocol(ClientProtocol):
@@ -443,7 +530,8 @@ async def _auth(connection: ClientProtocol, request: Request) -> dict[str, Any]:
     return {"expiresAt": identity.expiresAt}
 
 
-#: The op table: later features register their ops here.
+#: The ops of every connection; each factory adds those of its L{Live} (and later
+#: features theirs) to its own table.
 OPS: dict[str, Handler] = {"ping": _ping, "auth": _auth}
 
 
@@ -455,7 +543,11 @@ class MarketplaceFactory(WebSocketServerFactory):
     protocol = ClientProtocol  # type: ignore[assignment]
 
     def __init__(
-        self, verifier: Verifier, limits: ConnectionLimits | None = None, reactor: Any = None
+        self,
+        verifier: Verifier,
+        limits: ConnectionLimits | None = None,
+        reactor: Any = None,
+        live: Live | None = None,
     ) -> None:
         # server=None: no Server header naming Autobahn and its version in the 101.
         super().__init__(server=None, reactor=reactor)
@@ -467,6 +559,21 @@ class MarketplaceFactory(WebSocketServerFactory):
         self._batched_timer = _ReactorTimer(reactor)
         self.verifier = verifier
         self.limits = limits = limits or ConnectionLimits()
+        if live is None:
+            # One process, no database: listings and users work, conversations do not
+            # exist. The service passes a Live on its database and broker.
+            live = Live(
+                Hub(MemoryBroker(reactor)),
+                Authoriser(noConversations, reactor),
+                reactor,
+                limits.typingTimeout,
+            )
+        self.live = live
+        live.hub.maxSubscriptions = limits.maxSubscriptions
+        live.hub.prepare = self.prepare
+        self.ops: dict[str, Handler] = {**OPS, **live.ops}
+        #: Connections closed with 4008 for not reading their events.
+        self.slowConsumers = 0
         self.connections: set[ClientProtocol] = set()
         self.byUser: dict[str, set[ClientProtocol]] = {}
         self.closeWaiters: dict[ClientProtocol, list[Deferred[None]]] = {}
@@ -516,6 +623,24 @@ class MarketplaceFactory(WebSocketServerFactory):
                     max_message_size=self.limits.maxMessageSize,
                 )
         return None
+
+    def prepare(self, frame: bytes) -> Any:
+        """
+        One push frame, framed once for every connection. Short frames are marked
+        not to be compressed, so connections that negotiated permessage-deflate take
+        the same prepared bytes (Autobahn compresses, and so frames, each compressed
+        message per connection); long ones are worth compressing per connection.
+        """
+        return self.prepareMessage(frame, isBinary=False, doNotCompress=len(frame) < COMPRESS_FROM)
+
+    def disconnectUser(self, userId: str, reason: str) -> int:
+        """
+        Close every connection of a user here with 4003 (logout, ban); how many.
+        """
+        mine = list(self.byUser.get(userId, ()))
+        for connection in mine:
+            connection.close(CLOSE_DISCONNECTED, reason or "disconnected by the server")
+        return len(mine)
 
     def closeAll(
         self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down"

@@ -26,10 +26,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from marketplace_ws.auth import TokenVerifier, verifierFromSettings
+from marketplace_ws.broker.memory import MemoryBroker
+from marketplace_ws.channels import Authoriser
 from marketplace_ws.config import Config, ConfigError, JWTSettings
+from marketplace_ws.conversations import Participants, noConversations
 from marketplace_ws.db import Database, DatabaseUnreachable, migrate
 from marketplace_ws.http import site
 from marketplace_ws.http.health import Health
+from marketplace_ws.hub import Hub
+from marketplace_ws.live import Live
 from marketplace_ws.protocol import ConformanceProtocol, MarketplaceFactory
 
 _log = Logger()
@@ -91,7 +96,22 @@ class MarketplaceService(MultiService):
                 schema=config.databaseSchema,
                 reactor=reactor,
             )
-        self.factory = MarketplaceFactory(verifierFor(config.jwt, reactor), config.limits, reactor)
+        delivery = config.delivery
+        self.broker = MemoryBroker(
+            reactor,
+            historySize=delivery.historySize,
+            historyAge=delivery.historyAge,
+            idempotencyWindow=delivery.idempotencyWindow,
+        )
+        authorise = Authoriser(
+            Participants(self.database) if self.database is not None else noConversations, reactor
+        )
+        self.live = Live(
+            Hub(self.broker), authorise, reactor, typingTimeout=config.limits.typingTimeout
+        )
+        self.factory = MarketplaceFactory(
+            verifierFor(config.jwt, reactor), config.limits, reactor, self.live
+        )
         if config.conformance:
             self.factory.protocol = ConformanceProtocol
         self.health = Health(reactor.seconds, lambda: len(self.factory.connections))

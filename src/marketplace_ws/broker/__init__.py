@@ -26,7 +26,8 @@ from zope.interface import Interface
 class Event:
     """
     One event as published on a channel: C{seq} is its place in the channel, C{time}
-    when the broker accepted it (seconds, the broker's clock).
+    when the broker accepted it (seconds, the broker's clock). Ephemeral events
+    (L{IBroker.broadcast}) have C{seq} 0.
     """
 
     channel: str
@@ -34,6 +35,14 @@ class Event:
     event: str
     data: Any
     time: float
+    #: For ephemeral events (C{seq} 0): a user whose connections must not receive it,
+    #: the one who caused it (a typing indicator goes to the others only).
+    exclude: str | None = None
+
+    @property
+    def ephemeral(self) -> bool:
+        """Not part of the channel's sequence: never kept, never replayed."""
+        return self.seq == 0
 
 
 @frozen
@@ -106,6 +115,15 @@ class IBroker(Interface):
         C{data} must be JSON-serialisable.
         """
 
+    def broadcast(
+        channel: str, event: str, data: Any, exclude: str | None = None
+    ) -> Deferred[None]:
+        """
+        Deliver an ephemeral event (typing, presence changes) to every process
+        watching the channel: no C{seq}, no history, no idempotency. C{exclude} names
+        a user whose connections skip it.
+        """
+
     def history(channel: str, since: int) -> Deferred[Recovery]:
         """
         The events after C{since}, if the history still holds all of them.
@@ -129,6 +147,23 @@ class IBroker(Interface):
     def online(userIds: Iterable[str]) -> Deferred[dict[str, bool]]:
         """
         Which of these users have at least one open connection anywhere.
+        """
+
+    def join(channel: str, userId: str, connectionId: str) -> Deferred[bool]:
+        """
+        A connection of this user subscribed to the channel. C{True} when it is the
+        user's first, anywhere: the moment to announce C{presence.join}.
+        """
+
+    def leave(channel: str, userId: str, connectionId: str) -> Deferred[bool]:
+        """
+        A connection of this user left the channel. C{True} when it was the user's
+        last, anywhere: the moment to announce C{presence.leave}.
+        """
+
+    def members(channel: str) -> Deferred[list[str]]:
+        """
+        The users with at least one connection subscribed to the channel, sorted.
         """
 
 

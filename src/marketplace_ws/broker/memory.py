@@ -77,6 +77,8 @@ class MemoryBroker:
         # (channel, key) -> (seq, expires); insertion order is expiry order.
         self._keys: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
         self._presence: dict[str, set[str]] = {}
+        # channel -> user -> their connections subscribed to it.
+        self._members: dict[str, dict[str, set[str]]] = {}
 
     # Delivery
 
@@ -134,6 +136,17 @@ class MemoryBroker:
                 _log.failure("delivering {channel} {seq} failed", channel=channel, seq=state.seq)
         return succeed(Published(channel, state.seq))
 
+    def broadcast(
+        self, channel: str, event: str, data: Any, exclude: str | None = None
+    ) -> Deferred[None]:
+        if self._deliver is not None:
+            ephemeral = Event(channel, 0, event, data, self._clock.seconds(), exclude)
+            try:
+                self._deliver(ephemeral)
+            except Exception:  # noqa: BLE001 - as for publish
+                _log.failure("delivering {channel} {event} failed", channel=channel, event=event)
+        return succeed(None)
+
     # Reading
 
     def history(self, channel: str, since: int) -> Deferred[Recovery]:
@@ -177,6 +190,29 @@ class MemoryBroker:
 
     def online(self, userIds: Iterable[str]) -> Deferred[dict[str, bool]]:
         return succeed({userId: userId in self._presence for userId in userIds})
+
+    def join(self, channel: str, userId: str, connectionId: str) -> Deferred[bool]:
+        users = self._members.setdefault(channel, {})
+        connections = users.setdefault(userId, set())
+        first = not connections
+        connections.add(connectionId)
+        return succeed(first)
+
+    def leave(self, channel: str, userId: str, connectionId: str) -> Deferred[bool]:
+        users = self._members.get(channel)
+        connections = None if users is None else users.get(userId)
+        if users is None or connections is None or connectionId not in connections:
+            return succeed(False)
+        connections.discard(connectionId)
+        if connections:
+            return succeed(False)
+        del users[userId]
+        if not users:
+            del self._members[channel]
+        return succeed(True)
+
+    def members(self, channel: str) -> Deferred[list[str]]:
+        return succeed(sorted(self._members.get(channel, ())))
 
     # Bookkeeping
 
