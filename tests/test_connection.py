@@ -876,3 +876,20 @@ class _Verifier:
 
     def verify(self, jwtToken: str) -> Deferred[Identity]:
         return Deferred.fromCoroutine(self._verify(jwtToken))
+
+
+class ShutdownBeforeAuthTests(TestCase):
+    timeout = 30
+
+    async def test_unauthenticatedClosedWith1001(self) -> None:
+        """
+        A connection still to send its auth frame is closed with 1001 at shutdown
+        too, rather than left for the shutdown timeout to cut.
+        """
+        service = await startService(self)
+        factory = dial(self, wsURL(service))
+        await factory.opened
+        started = reactor.seconds()
+        await service.stopService()
+        self.assertEqual((await factory.whenClosed())[0], 1001)
+        self.assertLess(reactor.seconds() - started, 2)

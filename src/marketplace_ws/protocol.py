@@ -239,6 +239,7 @@ class ClientProtocol(WebSocketServerProtocol):
         # Streaming producer: the transport tells us when its send buffer fills up and
         # empties again, which is how a slow consumer is noticed (see deliver).
         self.transport.registerProducer(_Backpressure(self), True)  # type: ignore[union-attr]
+        self.factory.sockets.add(self)
         if self.identity is not None:
             self._welcome(self.identity)
         else:
@@ -466,6 +467,7 @@ class ClientProtocol(WebSocketServerProtocol):
                 # The code this side sent when it closed first, else the peer's.
                 code=self.localCloseCode if self.closedByMe else code,
             )
+        factory.sockets.discard(self)
         for waiter in factory.closeWaiters.pop(self, []):
             waiter.callback(None)
 
@@ -503,7 +505,7 @@ class ConformanceProtocol(ClientProtocol):
         self._timers = []
 
     def onOpen(self) -> None:
-        pass
+        self.factory.sockets.add(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.sendMessage(payload, isBinary)
@@ -574,7 +576,10 @@ class MarketplaceFactory(WebSocketServerFactory):
         self.ops: dict[str, Handler] = {**OPS, **live.ops}
         #: Connections closed with 4008 for not reading their events.
         self.slowConsumers = 0
+        #: Welcomed connections.
         self.connections: set[ClientProtocol] = set()
+        #: Every open WebSocket, welcomed or still to authenticate: what shutdown closes.
+        self.sockets: set[ClientProtocol] = set()
         self.byUser: dict[str, set[ClientProtocol]] = {}
         self.closeWaiters: dict[ClientProtocol, list[Deferred[None]]] = {}
         #: Connections turned away, by reason: a token's rejection reason (see
@@ -649,7 +654,7 @@ class MarketplaceFactory(WebSocketServerFactory):
         Close every open connection and fire once each has closed.
         """
         waits = []
-        for connection in list(self.connections):
+        for connection in list(self.sockets):
             waiter: Deferred[None] = Deferred()
             self.closeWaiters.setdefault(connection, []).append(waiter)
             waits.append(waiter)
@@ -657,6 +662,6 @@ class MarketplaceFactory(WebSocketServerFactory):
         return DeferredList(waits)
 
     def abortAll(self) -> None:
-        for connection in list(self.connections):
+        for connection in list(self.sockets):
             if connection.transport is not None:
                 connection.transport.abortConnection()  # type: ignore[attr-defined]
