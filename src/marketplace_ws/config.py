@@ -252,6 +252,12 @@ SETTINGS: tuple[Setting, ...] = (
         "closed as a slow consumer (4008).",
     ),
     Setting(
+        "chat-max-body",
+        "CHAT_MAX_BODY",
+        "4000",
+        "Longest chat message body in characters (longer: too_large).",
+    ),
+    Setting(
         "typing-timeout",
         "WS_TYPING_TIMEOUT",
         "6",
@@ -488,6 +494,7 @@ class Config:
     httpApiSecret: str | None = field(repr=False)
     limits: ConnectionLimits
     delivery: DeliverySettings
+    chatMaxBody: int
     httpMaxBody: int
     corsOrigins: tuple[str, ...]
     dataDir: Path
@@ -687,6 +694,7 @@ def configFromOptions(
                 s["idempotency-window"], text("idempotency-window") or "", float, 0
             ),
         ),
+        chatMaxBody=_number(s["chat-max-body"], text("chat-max-body") or "", int, 1),
         httpMaxBody=_number(s["http-max-body"], text("http-max-body") or "", int, 1),
         corsOrigins=_origins(s["http-cors-origins"], text("http-cors-origins")),
         dataDir=Path(text("data-dir") or ".marketplace-ws"),

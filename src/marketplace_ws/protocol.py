@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -550,6 +550,7 @@ class MarketplaceFactory(WebSocketServerFactory):
         limits: ConnectionLimits | None = None,
         reactor: Any = None,
         live: Live | None = None,
+        ops: Mapping[str, Handler] | None = None,
     ) -> None:
         # server=None: no Server header naming Autobahn and its version in the 101.
         super().__init__(server=None, reactor=reactor)
@@ -573,7 +574,7 @@ class MarketplaceFactory(WebSocketServerFactory):
         self.live = live
         live.hub.maxSubscriptions = limits.maxSubscriptions
         live.hub.prepare = self.prepare
-        self.ops: dict[str, Handler] = {**OPS, **live.ops}
+        self.ops: dict[str, Handler] = {**OPS, **live.ops, **(ops or {})}
         #: Connections closed with 4008 for not reading their events.
         self.slowConsumers = 0
         #: Welcomed connections.

@@ -27,15 +27,17 @@ from twisted.python.failure import Failure
 
 from marketplace_ws.auth import TokenVerifier, verifierFromSettings
 from marketplace_ws.broker.memory import MemoryBroker
-from marketplace_ws.channels import Authoriser
+from marketplace_ws.channels import Authoriser, IsParticipant
+from marketplace_ws.chat import Chat
 from marketplace_ws.config import Config, ConfigError, JWTSettings
-from marketplace_ws.conversations import Participants, noConversations
+from marketplace_ws.conversations import Conversations, noConversations
 from marketplace_ws.db import Database, DatabaseUnreachable, migrate
 from marketplace_ws.http import site
 from marketplace_ws.http.health import Health
 from marketplace_ws.hub import Hub
 from marketplace_ws.live import Live
-from marketplace_ws.protocol import ConformanceProtocol, MarketplaceFactory
+from marketplace_ws.notifications import Notifications
+from marketplace_ws.protocol import ConformanceProtocol, Handler, MarketplaceFactory
 
 _log = Logger()
 
@@ -103,14 +105,23 @@ class MarketplaceService(MultiService):
             historyAge=delivery.historyAge,
             idempotencyWindow=delivery.idempotencyWindow,
         )
-        authorise = Authoriser(
-            Participants(self.database) if self.database is not None else noConversations, reactor
-        )
+        ops: dict[str, Handler] = {}
+        isParticipant: IsParticipant = noConversations
+        if self.database is not None:
+            conversations = Conversations(self.database)
+            isParticipant = conversations.isParticipant
+        self.authoriser = Authoriser(isParticipant, reactor)
         self.live = Live(
-            Hub(self.broker), authorise, reactor, typingTimeout=config.limits.typingTimeout
+            Hub(self.broker), self.authoriser, reactor, typingTimeout=config.limits.typingTimeout
         )
+        self.chat: Chat | None = None
+        self.notifications: Notifications | None = None
+        if self.database is not None:
+            self.chat = Chat(conversations, self.live, self.authoriser, config.chatMaxBody)
+            self.notifications = Notifications(self.database, self.live)
+            ops = {**self.chat.ops, **self.notifications.ops}
         self.factory = MarketplaceFactory(
-            verifierFor(config.jwt, reactor), config.limits, reactor, self.live
+            verifierFor(config.jwt, reactor), config.limits, reactor, self.live, ops
         )
         if config.conformance:
             self.factory.protocol = ConformanceProtocol
