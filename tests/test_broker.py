@@ -291,14 +291,16 @@ class ChannelLimitTests(BrokerTestCase):
 class PresenceTests(BrokerTestCase):
     def test_onlineWhileAnyConnection(self) -> None:
         broker = self.broker()
-        self.assertTrue(self.result(broker.addPresence("u", "c1")))
-        self.assertFalse(self.result(broker.addPresence("u", "c2")))
+        self.assertEqual(self.result(broker.addPresence("u", "c1")), 1)
+        self.assertEqual(self.result(broker.addPresence("u", "c2")), 2)
+        self.assertEqual(self.result(broker.connectionCount("u")), 2)
         self.assertEqual(self.result(broker.online(["u", "v"])), {"u": True, "v": False})
-        self.assertFalse(self.result(broker.removePresence("u", "c1")))
-        self.assertFalse(self.result(broker.removePresence("u", "c1")))
-        self.assertTrue(self.result(broker.removePresence("u", "c2")))
-        self.assertFalse(self.result(broker.removePresence("u", "c2")))
+        self.assertEqual(self.result(broker.removePresence("u", "c1")), 1)
+        self.assertEqual(self.result(broker.removePresence("u", "c1")), 1)
+        self.assertEqual(self.result(broker.removePresence("u", "c2")), 0)
+        self.assertEqual(self.result(broker.removePresence("u", "c2")), 0)
         self.assertEqual(self.result(broker.online(["u"])), {"u": False})
+        self.assertEqual(self.result(broker.connectionCount("u")), 0)
         self.assertEqual(broker._presence, {})
 
     def test_sameConnectionTwice(self) -> None:
@@ -307,8 +309,18 @@ class PresenceTests(BrokerTestCase):
         """
         broker = self.broker()
         broker.addPresence("u", "c1")
-        self.assertFalse(self.result(broker.addPresence("u", "c1")))
-        self.assertTrue(self.result(broker.removePresence("u", "c1")))
+        self.assertEqual(self.result(broker.addPresence("u", "c1")), 1)
+        self.assertEqual(self.result(broker.removePresence("u", "c1")), 0)
+
+
+class ControlTests(BrokerTestCase):
+    def test_control(self) -> None:
+        broker = self.broker()
+        received: list[tuple[str, Any]] = []
+        self.result(broker.control("nobody", {}))
+        broker.setControl(lambda kind, data: received.append((kind, dict(data))))
+        self.result(broker.control("disconnect", {"userId": "u"}))
+        self.assertEqual(received, [("disconnect", {"userId": "u"})])
 
 
 class MembershipTests(BrokerTestCase):

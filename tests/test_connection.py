@@ -854,7 +854,7 @@ class SlowVerificationTests(TestCase):
         held[0].callback(None)
         await deferLater(reactor, 0.05)
         self.assertEqual(service.factory.connections, set())
-        self.assertEqual(service.factory.byUser, {})
+        self.assertEqual(service.live.byUser, {})
 
     async def test_authTimeoutDuringFirstFrameVerification(self) -> None:
         service = await startService(self, **{"auth-timeout": "0.3"})
@@ -866,7 +866,7 @@ class SlowVerificationTests(TestCase):
         held[0].callback(None)
         await deferLater(reactor, 0.05)
         self.assertEqual(service.factory.connections, set())
-        self.assertEqual(service.factory.byUser, {})
+        self.assertEqual(service.live.byUser, {})
         self.assertIsNone(factory.greeting)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -22,7 +22,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from marketplace_ws import hub as hubModule
-from marketplace_ws.broker import Delivery, Event, IBroker, Published, Recovery
+from marketplace_ws.broker import ControlHandler, Delivery, Event, IBroker, Published, Recovery
 from marketplace_ws.broker.memory import MemoryBroker
 from marketplace_ws.channels import Authoriser, Channel, parseChannel
 from marketplace_ws.envelope import (
@@ -168,11 +168,20 @@ class ControlledBroker:
 
         return self._later("currentSeq", channel, read)
 
-    def addPresence(self, userId: str, connectionId: str) -> Deferred[bool]:
+    def addPresence(self, userId: str, connectionId: str) -> Deferred[int]:
         return self.inner.addPresence(userId, connectionId)
 
-    def removePresence(self, userId: str, connectionId: str) -> Deferred[bool]:
+    def removePresence(self, userId: str, connectionId: str) -> Deferred[int]:
         return self.inner.removePresence(userId, connectionId)
+
+    def connectionCount(self, userId: str) -> Deferred[int]:
+        return self.inner.connectionCount(userId)
+
+    def setControl(self, handler: ControlHandler) -> None:
+        self.inner.setControl(handler)
+
+    def control(self, kind: str, data: Mapping[str, Any]) -> Deferred[None]:
+        return self.inner.control(kind, data)
 
     def online(self, userIds: Iterable[str]) -> Deferred[dict[str, bool]]:
         return self.inner.online(userIds)

@@ -426,11 +426,11 @@ class DisconnectTests(TestCase):
         service = await startService(self)
         tabs = [await join(service, "alice") for _ in range(2)]
         bob = await join(service, "bob")
-        self.assertEqual(service.factory.disconnectUser("alice", "banned"), 2)
+        self.assertEqual(await service.live.disconnect("alice", "banned"), 2)
         for tab in tabs:
             self.assertEqual(await tab.closed, (4003, "banned"))
         self.assertEqual((await bob.request("ping"))["pong"], True)
-        self.assertEqual(service.factory.disconnectUser("nobody", "x"), 0)
+        self.assertEqual(await service.live.disconnect("nobody", "x"), 0)
         await bob.close()
 
 
@@ -471,7 +471,7 @@ class SlowConsumerTests(TestCase):
         )
         connection.transport.resumeProducing()  # type: ignore[attr-defined]
         await stalled.closed
-        self.assertNotIn("stalled", factory.byUser)
+        self.assertNotIn("stalled", service.live.byUser)
         received = 0
         while received < sent:
             frame = await nextFrame(reader)

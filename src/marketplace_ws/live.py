@@ -20,7 +20,7 @@ C{seq: null}, never kept in the history.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -33,6 +33,7 @@ from marketplace_ws.broker import Published
 from marketplace_ws.channels import Authorise, Channel, parseChannel
 from marketplace_ws.envelope import BAD_REQUEST, FORBIDDEN, NOT_FOUND, OpError, Request
 from marketplace_ws.hub import Hub
+from marketplace_ws.limits import ConnectionLimits
 
 if TYPE_CHECKING:
     from marketplace_ws.protocol import ClientProtocol, Handler
@@ -47,12 +48,19 @@ def userChannel(userId: str) -> Channel:
     return Channel("user", userId)
 
 
+class TooManyConnections(Exception):
+    """The user has C{maxConnectionsPerUser} connections open already, anywhere."""
+
+
 class Live:
     """
-    Subscriptions, presence and typing for the connections of one process.
+    The welcomed connections of one process, by user; their subscriptions, presence
+    and typing.
 
-    @ivar typingTimeout: seconds a C{typing {active: true}} lasts unless repeated; the
-        others are told C{active: false} when it runs out or the connection closes.
+    C{limits.typingTimeout} is how long a C{typing {active: true}} lasts unless
+    repeated: the others are told C{active: false} when it runs out or the connection
+    closes. C{limits.maxConnectionsPerUser} counts the user's connections on every
+    process (the broker counts them).
     """
 
     def __init__(
@@ -60,14 +68,19 @@ class Live:
         hub: Hub,
         authorise: Authorise,
         clock: IReactorTime,
-        typingTimeout: float = 6.0,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.hub = hub
         self.broker = hub.broker
         self.authorise = authorise
         self.clock = clock
-        self.typingTimeout = typingTimeout
+        self.limits = limits = limits or ConnectionLimits()
+        hub.maxSubscriptions = limits.maxSubscriptions
+        self.typingTimeout = limits.typingTimeout
+        #: This process's welcomed connections, by user.
+        self.byUser: dict[str, set[ClientProtocol]] = {}
         self._typing: dict[ClientProtocol, dict[str, IDelayedCall]] = {}
+        self.broker.setControl(self._control)
 
     @property
     def ops(self) -> dict[str, Handler]:
@@ -90,8 +103,11 @@ class Live:
 
     async def _opened(self, connection: ClientProtocol) -> int:
         userId = connection.userId
+        self.byUser.setdefault(userId, set()).add(connection)
+        count = await self.broker.addPresence(userId, connection.connectionId)
+        if count > self.limits.maxConnectionsPerUser:
+            raise TooManyConnections()
         result = await self.hub.subscribe(connection, userChannel(userId))
-        await self.broker.addPresence(userId, connection.connectionId)
         return int(result["seq"])
 
     def closed(self, connection: ClientProtocol) -> None:
@@ -100,6 +116,11 @@ class Live:
         count it offline.
         """
         userId = connection.userId
+        mine = self.byUser.get(userId)
+        if mine is not None:
+            mine.discard(connection)
+            if not mine:
+                del self.byUser[userId]
         for conversationId in list(self._typing.get(connection, ())):
             self._stopTyping(connection, conversationId)
         self._typing.pop(connection, None)
@@ -124,6 +145,25 @@ class Live:
 
     def members(self, channel: Channel) -> Deferred[list[str]]:
         return self.broker.members(str(channel))
+
+    def disconnect(self, userId: str, reason: str) -> Deferred[int]:
+        """
+        Close every connection of the user, on every process, with 4003 (logout,
+        ban); answers how many the user had open.
+        """
+        return Deferred.fromCoroutine(self._disconnect(userId, reason))
+
+    async def _disconnect(self, userId: str, reason: str) -> int:
+        count = await self.broker.connectionCount(userId)
+        await self.broker.control("disconnect", {"userId": userId, "reason": reason})
+        return count
+
+    def _control(self, kind: str, data: Mapping[str, Any]) -> None:
+        if kind == "disconnect":
+            for connection in list(self.byUser.get(str(data.get("userId")), ())):
+                connection.disconnect(str(data.get("reason") or ""))
+        else:
+            _log.warn("ignoring control message of unknown kind {kind}", kind=kind)
 
     # Ops
 

@@ -35,7 +35,7 @@ from marketplace_ws.db import DatabaseUnavailable
 from marketplace_ws.envelope import OpError, Request
 from marketplace_ws.hub import Hub
 from marketplace_ws.limits import ConnectionLimits, OpLimiter, Rate, TokenBucket
-from marketplace_ws.live import Live
+from marketplace_ws.live import Live, TooManyConnections
 
 SUBPROTOCOL = "marketplace.v1"
 
@@ -257,12 +257,6 @@ class ClientProtocol(WebSocketServerProtocol):
             return
         factory = self.factory
         self.identity = identity
-        mine = factory.byUser.setdefault(identity.userId, set())
-        if len(mine) >= factory.limits.maxConnectionsPerUser:
-            self._count("too_many_connections")
-            self.close(CLOSE_LIMIT, "too many connections for this user")
-            return
-        mine.add(self)
         factory.connections.add(self)
         self._cancelTimers()
         self._scheduleExpiry(identity)
@@ -291,6 +285,10 @@ class ClientProtocol(WebSocketServerProtocol):
     def _openFailed(self, failure: Failure) -> None:
         if self.state != self.STATE_OPEN:
             return  # closed meanwhile: the subscription was abandoned, nothing to say
+        if failure.check(TooManyConnections):
+            self._count("too_many_connections")
+            self.close(CLOSE_LIMIT, "too many connections for this user")
+            return
         _log.failure(
             "connection {connectionId}: subscribing to its user channel failed",
             failure,
@@ -356,6 +354,10 @@ class ClientProtocol(WebSocketServerProtocol):
             self.sendPreparedMessage(prepared)
         else:
             self.sendMessage(frame, isBinary=False)
+
+    def disconnect(self, reason: str) -> None:
+        """Closed by the HTTP API (logout, ban): 4003, not to be retried at once."""
+        self.close(CLOSE_DISCONNECTED, reason or "disconnected by the server")
 
     def close(self, code: int, reason: str) -> None:
         _log.info(
@@ -455,11 +457,6 @@ class ClientProtocol(WebSocketServerProtocol):
         factory = self.factory
         if self in factory.connections:
             factory.connections.discard(self)
-            mine = factory.byUser.get(self.userId)
-            if mine is not None:
-                mine.discard(self)
-                if not mine:
-                    del factory.byUser[self.userId]
             factory.live.closed(self)
             _log.info(
                 "connection {connectionId} closed ({code})",
@@ -569,10 +566,9 @@ class MarketplaceFactory(WebSocketServerFactory):
                 Hub(MemoryBroker(reactor)),
                 Authoriser(noConversations, reactor),
                 reactor,
-                limits.typingTimeout,
+                limits,
             )
         self.live = live
-        live.hub.maxSubscriptions = limits.maxSubscriptions
         live.hub.prepare = self.prepare
         self.ops: dict[str, Handler] = {**OPS, **live.ops, **(ops or {})}
         #: Connections closed with 4008 for not reading their events.
@@ -581,7 +577,6 @@ class MarketplaceFactory(WebSocketServerFactory):
         self.connections: set[ClientProtocol] = set()
         #: Every open WebSocket, welcomed or still to authenticate: what shutdown closes.
         self.sockets: set[ClientProtocol] = set()
-        self.byUser: dict[str, set[ClientProtocol]] = {}
         self.closeWaiters: dict[ClientProtocol, list[Deferred[None]]] = {}
         #: Connections turned away, by reason: a token's rejection reason (see
         #: L{marketplace_ws.auth.REASONS}), C{origin}, C{subprotocol}, C{auth_timeout},
@@ -638,15 +633,6 @@ class MarketplaceFactory(WebSocketServerFactory):
         message per connection); long ones are worth compressing per connection.
         """
         return self.prepareMessage(frame, isBinary=False, doNotCompress=len(frame) < COMPRESS_FROM)
-
-    def disconnectUser(self, userId: str, reason: str) -> int:
-        """
-        Close every connection of a user here with 4003 (logout, ban); how many.
-        """
-        mine = list(self.byUser.get(userId, ()))
-        for connection in mine:
-            connection.close(CLOSE_DISCONNECTED, reason or "disconnected by the server")
-        return len(mine)
 
     def closeAll(
         self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down"

@@ -112,7 +112,7 @@ class MarketplaceService(MultiService):
             isParticipant = conversations.isParticipant
         self.authoriser = Authoriser(isParticipant, reactor)
         self.live = Live(
-            Hub(self.broker), self.authoriser, reactor, typingTimeout=config.limits.typingTimeout
+            Hub(self.broker), self.authoriser, reactor, config.limits
         )
         self.chat: Chat | None = None
         self.notifications: Notifications | None = None

@@ -14,7 +14,7 @@ C{REDIS_URL}.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from attrs import frozen
@@ -76,6 +76,9 @@ class Recovery:
 
 Delivery = Callable[[Event], None]
 
+#: Receives control messages: C{handler(kind, data)}.
+ControlHandler = Callable[[str, Mapping[str, Any]], None]
+
 
 class IBroker(Interface):
     """
@@ -134,14 +137,22 @@ class IBroker(Interface):
         The C{seq} of the channel's latest event (or where it starts, before any).
         """
 
-    def addPresence(userId: str, connectionId: str) -> Deferred[bool]:
+    def addPresence(userId: str, connectionId: str) -> Deferred[int]:
         """
-        A connection of this user opened. C{True} when the user just came online.
+        A connection of this user opened: how many the user has open now, anywhere,
+        this one included (1: the user just came online). Per-user connection limits
+        are checked against it.
         """
 
-    def removePresence(userId: str, connectionId: str) -> Deferred[bool]:
+    def removePresence(userId: str, connectionId: str) -> Deferred[int]:
         """
-        A connection of this user closed. C{True} when the user just went offline.
+        A connection of this user closed: how many the user still has open (0: the
+        user just went offline).
+        """
+
+    def connectionCount(userId: str) -> Deferred[int]:
+        """
+        How many connections the user has open, anywhere.
         """
 
     def online(userIds: Iterable[str]) -> Deferred[dict[str, bool]]:
@@ -166,5 +177,17 @@ class IBroker(Interface):
         The users with at least one connection subscribed to the channel, sorted.
         """
 
+    def setControl(handler: ControlHandler) -> None:
+        """
+        Send every control message (L{control}), from any process, to C{handler}.
+        """
 
-__all__ = ["Delivery", "Event", "IBroker", "Published", "Recovery"]
+    def control(kind: str, data: Mapping[str, Any]) -> Deferred[None]:
+        """
+        Send a control message to every process, this one included: how the HTTP API
+        received by one process reaches connections held by others (C{disconnect}).
+        C{data} must be JSON-serialisable.
+        """
+
+
+__all__ = ["ControlHandler", "Delivery", "Event", "IBroker", "Published", "Recovery"]

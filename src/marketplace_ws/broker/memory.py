@@ -19,7 +19,7 @@ Each publish costs constant time apart from delivery, and memory stays bounded:
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from itertools import islice
 from typing import Any
 
@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from marketplace_ws.broker import Delivery, Event, IBroker, Published, Recovery
+from marketplace_ws.broker import ControlHandler, Delivery, Event, IBroker, Published, Recovery
 
 _log = Logger()
 
@@ -65,6 +65,7 @@ class MemoryBroker:
         self.maxIdempotencyKeys = maxIdempotencyKeys
         self.maxChannels = maxChannels
         self._deliver: Delivery | None = None
+        self._control: ControlHandler | None = None
         self._channels: dict[str, _Channel] = {}
         # Unwatched channels, least recently published first: the ones forgotten when
         # there are more than maxChannels.
@@ -172,21 +173,22 @@ class MemoryBroker:
 
     # Presence
 
-    def addPresence(self, userId: str, connectionId: str) -> Deferred[bool]:
+    def addPresence(self, userId: str, connectionId: str) -> Deferred[int]:
         connections = self._presence.setdefault(userId, set())
-        cameOnline = not connections
         connections.add(connectionId)
-        return succeed(cameOnline)
+        return succeed(len(connections))
 
-    def removePresence(self, userId: str, connectionId: str) -> Deferred[bool]:
+    def removePresence(self, userId: str, connectionId: str) -> Deferred[int]:
         connections = self._presence.get(userId)
-        if connections is None or connectionId not in connections:
-            return succeed(False)
+        if connections is None:
+            return succeed(0)
         connections.discard(connectionId)
-        if connections:
-            return succeed(False)
-        del self._presence[userId]
-        return succeed(True)
+        if not connections:
+            del self._presence[userId]
+        return succeed(len(connections))
+
+    def connectionCount(self, userId: str) -> Deferred[int]:
+        return succeed(len(self._presence.get(userId, ())))
 
     def online(self, userIds: Iterable[str]) -> Deferred[dict[str, bool]]:
         return succeed({userId: userId in self._presence for userId in userIds})
@@ -213,6 +215,16 @@ class MemoryBroker:
 
     def members(self, channel: str) -> Deferred[list[str]]:
         return succeed(sorted(self._members.get(channel, ())))
+
+    # Control
+
+    def setControl(self, handler: ControlHandler) -> None:
+        self._control = handler
+
+    def control(self, kind: str, data: Mapping[str, Any]) -> Deferred[None]:
+        if self._control is not None:
+            self._control(kind, data)
+        return succeed(None)
 
     # Bookkeeping
 
