@@ -144,6 +144,23 @@ class ErrorTests(SynchronousTestCase):
         message = self.assertRefused("DATABASE_URL", DATABASE_URL="mysql://u:topsecret@h/db")
         self.assertNotIn("topsecret", message)
 
+    def test_badRedisURL(self) -> None:
+        for url in (
+            "http://u:topsecret@h:6379",
+            "redis://:topsecret@h:port/0",
+            "redis://:topsecret@h/zero",
+            "redis:///0",
+        ):
+            message = self.assertRefused("REDIS_URL", REDIS_URL=url)
+            self.assertNotIn("topsecret", message)
+
+    def test_redisURL(self) -> None:
+        url = "rediss://default:topsecret@cache.internal:6380/2"
+        c = config(REDIS_URL=url)
+        self.assertEqual(c.redisURL, url)
+        self.assertNotIn("topsecret", repr(c))
+        self.assertIsNone(config().redisURL)
+
     def test_badSchema(self) -> None:
         self.assertRefused("DATABASE_SCHEMA", DATABASE_SCHEMA='x"; drop table y')
 

@@ -136,6 +136,14 @@ SETTINGS: tuple[Setting, ...] = (
         boolean=True,
     ),
     Setting(
+        "redis-url",
+        "REDIS_URL",
+        None,
+        "Redis URL (redis://[user:password@]host[:port][/db], rediss:// for TLS) shared by "
+        "every process of a deployment; unset: one process, events in memory.",
+        secret=True,
+    ),
+    Setting(
         "jwt-secret",
         "JWT_SECRET",
         None,
@@ -486,6 +494,7 @@ class Config:
     httpEndpoint: str
     httpSource: str
     databaseURL: DatabaseURL | None
+    redisURL: str | None = field(repr=False)
     databaseSchema: str
     databasePoolSize: int
     statementTimeout: float
@@ -576,6 +585,23 @@ def _jwt(options: Mapping[str, Any], env: Mapping[str, str], production: bool) -
         issuer=text("jwt-issuer"),
         userClaim=text("jwt-user-claim") or "sub",
     )
+
+
+def _redis(setting: Setting, text: str | None) -> str | None:
+    if text is None:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        # Not echoed: the URL may hold a password.
+        raise ConfigError(setting, "must look like redis://host:6379/0 or rediss://host:6380/0")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(setting, "has a port that is not a number") from None
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ConfigError(setting, "database (the path) must be a number such as /0")
+    return text
 
 
 def _origins(setting: Setting, text: str | None) -> tuple[str, ...]:
@@ -678,6 +704,7 @@ def configFromOptions(
         httpEndpoint=httpEndpoint,
         httpSource=httpSource,
         databaseURL=databaseURL,
+        redisURL=_redis(s["redis-url"], text("redis-url")),
         databaseSchema=schema,
         databasePoolSize=poolSize,
         statementTimeout=_number(
