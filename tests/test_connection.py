@@ -781,7 +781,7 @@ class RefusalCountTests(TestCase):
                 "max-connections-per-user": "1",
             },
         )
-        refusals = service.factory.refusals
+        refusals = service.factory.counters.refused
         for headers in (
             {"Origin": "https://evil.example.com"},
             {"Sec-WebSocket-Protocol": "chat.v9"},

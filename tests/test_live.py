@@ -463,8 +463,8 @@ class SlowConsumerTests(TestCase):
         assert connection is not None and connection.transport is not None
         connection.transport.pauseProducing()  # type: ignore[attr-defined]
         factory = service.factory
-        sent = await self.publishUntil(service, lambda: factory.slowConsumers > 0, 2000)
-        self.assertEqual(factory.slowConsumers, 1)
+        sent = await self.publishUntil(service, lambda: factory.counters.slow > 0, 2000)
+        self.assertEqual(factory.counters.slow, 1)
         self.assertLess(sent, 2000)
         self.assertEqual(
             {c.userId for c in factory.connections if c.state == c.STATE_OPEN}, {"reader"}
@@ -490,5 +490,5 @@ class SlowConsumerTests(TestCase):
         await self.publishUntil(service, lambda: False, total)
         for n in range(total):
             self.assertEqual((await nextFrame(reader))["data"]["n"], n)
-        self.assertEqual(service.factory.slowConsumers, 0)
+        self.assertEqual(service.factory.counters.slow, 0)
         await reader.close()

@@ -595,7 +595,7 @@ def _redis(setting: Setting, text: str | None) -> str | None:
         # Not echoed: the URL may hold a password.
         raise ConfigError(setting, "must look like redis://host:6379/0 or rediss://host:6380/0")
     try:
-        parts.port
+        _ = parts.port  # raises ValueError for a port that is not a number
     except ValueError:
         raise ConfigError(setting, "has a port that is not a number") from None
     db = parts.path.lstrip("/")

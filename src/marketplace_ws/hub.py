@@ -136,6 +136,9 @@ class Hub:
         self.maxSubscriptions = maxSubscriptions
         self.maxPending = maxPending
         self.prepare = prepare
+        #: Called with each sequenced event once it has been written to every local
+        #: subscriber (for the publish-to-send latency histogram).
+        self.delivered: Callable[[Event], None] | None = None
         self._channels: dict[str, _Channel] = {}
         self._bySubscriber: dict[Subscriber, dict[str, _Subscription]] = {}
         broker.setDelivery(self.deliver)
@@ -189,6 +192,8 @@ class Hub:
                 unprepared = False
             sub.last = event.seq
             self._send(sub, frame, prepared)
+        if self.delivered is not None and not ephemeral:
+            self.delivered(event)
 
     def _hold(self, sub: _Subscription, seq: int, frame: bytes) -> None:
         if sub.buffer is None:
@@ -369,6 +374,10 @@ class Hub:
     def subscriptionsOf(self, subscriber: Subscriber) -> frozenset[str]:
         """The channels a subscriber is subscribed to, recovering or live."""
         return frozenset(self._bySubscriber.get(subscriber, ()))
+
+    def channelCount(self) -> int:
+        """How many channels have local subscribers."""
+        return len(self._channels)
 
     def subscriberCount(self, channel: Channel) -> int:
         """How many local subscribers a channel has."""

@@ -34,6 +34,7 @@ from marketplace_ws.channels import Authorise, Channel, parseChannel
 from marketplace_ws.envelope import BAD_REQUEST, FORBIDDEN, NOT_FOUND, OpError, Request
 from marketplace_ws.hub import Hub
 from marketplace_ws.limits import ConnectionLimits
+from marketplace_ws.metrics import Counters
 
 if TYPE_CHECKING:
     from marketplace_ws.protocol import ClientProtocol, Handler
@@ -69,8 +70,10 @@ class Live:
         authorise: Authorise,
         clock: IReactorTime,
         limits: ConnectionLimits | None = None,
+        counters: Counters | None = None,
     ) -> None:
         self.hub = hub
+        self.counters = counters or Counters()
         self.broker = hub.broker
         self.authorise = authorise
         self.clock = clock
@@ -138,6 +141,8 @@ class Live:
     def publish(
         self, channel: Channel, event: str, data: Any, idempotencyKey: str | None = None
     ) -> Deferred[Published]:
+        """Every publish of this process goes this way: the HTTP API, chat, the outbox."""
+        self.counters.published[channel.kind] += 1
         return self.hub.publish(channel, event, data, idempotencyKey)
 
     def online(self, userIds: Sequence[str]) -> Deferred[dict[str, bool]]:

@@ -232,8 +232,8 @@ class ClientProtocol(WebSocketServerProtocol):
         )
 
     def _count(self, reason: str) -> None:
-        """Count a connection turned away, by reason (see L{MarketplaceFactory.refusals})."""
-        self.factory.refusals[reason] = self.factory.refusals.get(reason, 0) + 1
+        """Count a connection turned away, by reason (L{Counters.refused})."""
+        self.factory.counters.refused[reason] += 1
 
     def onOpen(self) -> None:
         # Streaming producer: the transport tells us when its send buffer fills up and
@@ -269,6 +269,7 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def _opened(self, userSeq: int) -> None:
         assert self.identity is not None
+        self.factory.counters.accepted += 1
         self.send(
             {
                 "type": "welcome",
@@ -334,6 +335,11 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def send(self, frame: dict[str, Any]) -> None:
         if self.state == self.STATE_OPEN:
+            counters = self.factory.counters
+            kind = frame["type"]
+            counters.framesOut[kind] += 1
+            if kind == "error":
+                counters.errors[frame["error"]["code"]] += 1
             self.sendMessage(envelope.encode(frame), isBinary=False)
 
     def deliver(self, frame: bytes, prepared: Any) -> None:
@@ -347,9 +353,10 @@ class ClientProtocol(WebSocketServerProtocol):
         if self._paused:
             self._backlog += len(frame)
             if self._backlog > self.factory.limits.maxSendBuffer:
-                self.factory.slowConsumers += 1
+                self.factory.counters.slow += 1
                 self.close(CLOSE_SLOW, "too slow to keep up with events")
                 return
+        self.factory.counters.framesOut["event"] += 1
         if prepared is not None:
             self.sendPreparedMessage(prepared)
         else:
@@ -373,11 +380,14 @@ class ClientProtocol(WebSocketServerProtocol):
         if isBinary:
             self.close(CLOSE_UNSUPPORTED, "binary frames are not accepted")
             return
+        counters = self.factory.counters
         try:
             request = envelope.parseRequest(payload)
         except OpError as e:
+            counters.framesIn["invalid"] += 1
             self._garbageFrame(e)
             return
+        counters.framesIn[request.type if request.type in self.factory.ops else "unknown"] += 1
         if self.identity is None:
             self._firstFrame(request)
             return
@@ -571,8 +581,8 @@ class MarketplaceFactory(WebSocketServerFactory):
         self.live = live
         live.hub.prepare = self.prepare
         self.ops: dict[str, Handler] = {**OPS, **live.ops, **(ops or {})}
-        #: Connections closed with 4008 for not reading their events.
-        self.slowConsumers = 0
+        #: What the connections count (shared with the L{Live}, read by /metrics).
+        self.counters = live.counters
         #: Welcomed connections.
         self.connections: set[ClientProtocol] = set()
         #: Every open WebSocket, welcomed or still to authenticate: what shutdown closes.
@@ -581,7 +591,6 @@ class MarketplaceFactory(WebSocketServerFactory):
         #: Connections turned away, by reason: a token's rejection reason (see
         #: L{marketplace_ws.auth.REASONS}), C{origin}, C{subprotocol}, C{auth_timeout},
         #: C{auth_required} (a request before C{auth}) and C{too_many_connections}.
-        self.refusals: dict[str, int] = {}
         # Autobahn's server defaults are permissive (no size limits, any Origin, a
         # status page revealing its version, no pings): every option is set here.
         # Origins are checked in the handshake with our own normalisation, so

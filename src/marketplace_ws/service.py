@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from marketplace_ws.auth import TokenVerifier, verifierFromSettings
 from marketplace_ws.broker.memory import MemoryBroker
-from marketplace_ws.channels import Authoriser, IsParticipant
+from marketplace_ws.channels import Authoriser
 from marketplace_ws.chat import Chat
 from marketplace_ws.config import Config, ConfigError, JWTSettings
 from marketplace_ws.conversations import Conversations, noConversations
@@ -36,6 +36,7 @@ from marketplace_ws.http import site
 from marketplace_ws.http.health import Health
 from marketplace_ws.hub import Hub
 from marketplace_ws.live import Live
+from marketplace_ws.metrics import Metrics
 from marketplace_ws.notifications import Notifications
 from marketplace_ws.protocol import ConformanceProtocol, Handler, MarketplaceFactory
 
@@ -88,6 +89,7 @@ class MarketplaceService(MultiService):
         self.embedded = embedded
         self.ownsProcess = ownsProcess
         self.exitCode = 0
+        self.metrics = metrics = Metrics()
         self.database: Database | None = None
         if not config.conformance:
             assert config.databaseURL is not None, "developmentDefaults fills it in"
@@ -97,6 +99,7 @@ class MarketplaceService(MultiService):
                 statement_timeout=config.statementTimeout,
                 schema=config.databaseSchema,
                 reactor=reactor,
+                observe=metrics.observeQuery,
             )
         delivery = config.delivery
         self.broker = MemoryBroker(
@@ -105,18 +108,19 @@ class MarketplaceService(MultiService):
             historyAge=delivery.historyAge,
             idempotencyWindow=delivery.idempotencyWindow,
         )
-        ops: dict[str, Handler] = {}
-        isParticipant: IsParticipant = noConversations
-        if self.database is not None:
-            conversations = Conversations(self.database)
-            isParticipant = conversations.isParticipant
-        self.authoriser = Authoriser(isParticipant, reactor)
-        self.live = Live(
-            Hub(self.broker), self.authoriser, reactor, config.limits
+        hub = Hub(self.broker)
+        hub.delivered = lambda event: metrics.publishLatency.observe(
+            max(0.0, reactor.seconds() - event.time)
         )
+        conversations = Conversations(self.database) if self.database is not None else None
+        self.authoriser = Authoriser(
+            conversations.isParticipant if conversations is not None else noConversations, reactor
+        )
+        self.live = Live(hub, self.authoriser, reactor, config.limits, metrics.counters)
         self.chat: Chat | None = None
         self.notifications: Notifications | None = None
-        if self.database is not None:
+        ops: dict[str, Handler] = {}
+        if self.database is not None and conversations is not None:
             self.chat = Chat(conversations, self.live, self.authoriser, config.chatMaxBody)
             self.notifications = Notifications(self.database, self.live)
             ops = {**self.chat.ops, **self.notifications.ops}
@@ -125,6 +129,15 @@ class MarketplaceService(MultiService):
         )
         if config.conformance:
             self.factory.protocol = ConformanceProtocol
+        metrics.gauge(
+            "mws_connections",
+            "Open, welcomed WebSocket connections.",
+            lambda: len(self.factory.connections),
+        )
+        metrics.gauge(
+            "mws_users", "Users with a connection to this process.", lambda: len(self.live.byUser)
+        )
+        metrics.gauge("mws_channels", "Channels with local subscribers.", hub.channelCount)
         self.health = Health(reactor.seconds, lambda: len(self.factory.connections))
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
