@@ -845,10 +845,13 @@ class JWKSTests(TestCase):
         self.assertEqual(set(self.seen), {"unknown_kid"})
 
     async def test_rotation(self) -> None:
+        # The new key and its token are made first: generating an RSA key on a busy
+        # machine can take longer than the refresh interval under test.
+        newKey = jwk(rsaKey(1), "k2", "RS256")
+        token = rs256("k2", key=rsaKey(1))
         verifier = self.verifier(minRefreshInterval=0.2)
         await verifier.verify(rs256("k1"))
-        self.resource.keys = [jwk(rsaKey(1), "k2", "RS256"), *self.resource.keys]
-        token = rs256("k2", key=rsaKey(1))
+        self.resource.keys = [newKey, *self.resource.keys]
         # Within the interval the new key is not fetched yet ...
         self.assertEqual(await self.rejected(verifier.verify(token)), "unknown_kid")
         await deferLater(reactor, 0.25, lambda: None)

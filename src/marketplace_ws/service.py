@@ -24,8 +24,10 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.server import Site
 
 from marketplace_ws.auth import TokenVerifier, verifierFromSettings
+from marketplace_ws.backend import ServerBackend
 from marketplace_ws.broker.memory import MemoryBroker
 from marketplace_ws.channels import Authoriser
 from marketplace_ws.chat import Chat
@@ -33,6 +35,7 @@ from marketplace_ws.config import Config, ConfigError, JWTSettings
 from marketplace_ws.conversations import Conversations, noConversations
 from marketplace_ws.db import Database, DatabaseUnreachable, migrate
 from marketplace_ws.http import site
+from marketplace_ws.http.api import apiResource
 from marketplace_ws.http.health import Health
 from marketplace_ws.hub import Hub
 from marketplace_ws.live import Live
@@ -143,6 +146,35 @@ class MarketplaceService(MultiService):
         self.ready: Deferred[None] = Deferred()
         self._starting: Deferred[None] | None = None
 
+    def site(self) -> Site:
+        """The HTTP API and health checks."""
+        config = self.config
+        backend = ServerBackend(self.live, self.chat, self.notifications, self.stats)
+        api = apiResource(backend, config.httpApiSecret, config.httpMaxBody, config.corsOrigins)
+        return site({b"health": self.health, b"api": api}, config.httpMaxBody, config.corsOrigins)
+
+    def stats(self) -> dict[str, Any]:
+        """This process's counts, for C{/api/v1/stats}."""
+        counters = self.metrics.counters
+        database = self.database
+        return {
+            "uptime": round(self.reactor.seconds() - self.health.started, 3),
+            "connections": len(self.factory.connections),
+            "unauthenticated": len(self.factory.sockets) - len(self.factory.connections),
+            "users": len(self.live.byUser),
+            "channels": self.live.hub.channelCount(),
+            "accepted": counters.accepted,
+            "refused": dict(counters.refused),
+            "slowConsumerDisconnects": counters.slow,
+            "framesIn": dict(counters.framesIn),
+            "framesOut": dict(counters.framesOut),
+            "errors": dict(counters.errors),
+            "published": dict(counters.published),
+            "database": None
+            if database is None
+            else {"available": database.available, "inFlight": database.inFlight},
+        }
+
     def startService(self) -> None:
         super().startService()
         if self.ownsProcess:
@@ -173,7 +205,7 @@ class MarketplaceService(MultiService):
         else:
             _log.warn("conformance mode: echoing every message, no authentication")
         await self._listen("WebSocket", config.wsEndpoint, config.wsSource, self.factory)
-        await self._listen("HTTP", config.httpEndpoint, config.httpSource, site(self.health))
+        await self._listen("HTTP", config.httpEndpoint, config.httpSource, self.site())
         _log.info("marketplace-ws ready")
         self.ready.callback(None)
 

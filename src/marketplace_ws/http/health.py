@@ -23,7 +23,7 @@ class Health(Resource):
     def __init__(self, clock: Callable[[], float], connections: Callable[[], int]) -> None:
         super().__init__()
         self._clock = clock
-        self._started = clock()
+        self.started = clock()
         self._connections = connections
 
     def render_GET(self, request: Request) -> bytes:
@@ -33,7 +33,7 @@ class Health(Resource):
             {
                 "status": "ok",
                 "version": __version__,
-                "uptime": round(self._clock() - self._started, 3),
+                "uptime": round(self._clock() - self.started, 3),
                 "connections": self._connections(),
             },
         )
