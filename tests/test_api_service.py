@@ -15,6 +15,7 @@ from tests.test_live import drained, join, nextFrame
 from tests.test_service import SECRET, httpURL, startService
 
 AUTH: dict[str | bytes, str | bytes] = {"Authorization": f"Bearer {SECRET}"}
+WRONG: dict[str | bytes, str | bytes] = {"Authorization": "Bearer wrong"}
 
 
 async def call(
@@ -141,7 +142,7 @@ class ApiTests(TestCase):
         response = await treq.post(
             httpURL(service, "/api/v1/publish"),
             json={"channel": "listing:1", "event": "e", "data": 1},
-            headers={b"Authorization": b"Bearer wrong"},
+            headers=WRONG,
             persistent=False,
         )
         self.assertEqual(response.code, 401)
