@@ -290,6 +290,18 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a publish idempotencyKey is remembered for deduplication.",
     ),
     Setting(
+        "outbox-sweep-interval",
+        "OUTBOX_SWEEP_INTERVAL",
+        "5",
+        "Seconds between sweeps of the outbox for rows no notification announced.",
+    ),
+    Setting(
+        "outbox-batch-size",
+        "OUTBOX_BATCH_SIZE",
+        "100",
+        "Outbox rows published per transaction.",
+    ),
+    Setting(
         "http-max-body",
         "HTTP_MAX_BODY",
         "1048576",
@@ -484,6 +496,12 @@ class DeliverySettings:
 
 
 @frozen
+class OutboxSettings:
+    sweepInterval: float = 5.0
+    batchSize: int = 100
+
+
+@frozen
 class Config:
     """
     The validated settings of one server process.
@@ -503,6 +521,7 @@ class Config:
     httpApiSecret: str | None = field(repr=False)
     limits: ConnectionLimits
     delivery: DeliverySettings
+    outbox: OutboxSettings
     chatMaxBody: int
     httpMaxBody: int
     corsOrigins: tuple[str, ...]
@@ -720,6 +739,12 @@ def configFromOptions(
             idempotencyWindow=_number(
                 s["idempotency-window"], text("idempotency-window") or "", float, 0
             ),
+        ),
+        outbox=OutboxSettings(
+            sweepInterval=_number(
+                s["outbox-sweep-interval"], text("outbox-sweep-interval") or "", float, 0.01
+            ),
+            batchSize=_number(s["outbox-batch-size"], text("outbox-batch-size") or "", int, 1),
         ),
         chatMaxBody=_number(s["chat-max-body"], text("chat-max-body") or "", int, 1),
         httpMaxBody=_number(s["http-max-body"], text("http-max-body") or "", int, 1),

@@ -15,6 +15,8 @@ from typing import Any
 
 from attrs import frozen
 
+from marketplace_ws.db import DatabaseUnavailable
+
 #: Error codes a client may see, with what it should do about each (docs/protocol.rst).
 BAD_REQUEST = "bad_request"
 UNAUTHORIZED = "unauthorized"
@@ -58,6 +60,20 @@ class OpError(Exception):
         self.code = code
         self.message = message
         self.requestId = requestId
+
+
+def explain(error: BaseException) -> OpError | None:
+    """
+    What a client is told about an exception an op or an API call raised: an
+    L{OpError} as it is; a database outage as C{unavailable} (nothing was done, so the
+    same request may be retried later); C{None} for anything else, a bug, which the
+    caller logs and answers C{internal}.
+    """
+    if isinstance(error, OpError):
+        return error
+    if isinstance(error, DatabaseUnavailable):
+        return OpError(UNAVAILABLE, "the database is unavailable; retry shortly")
+    return None
 
 
 @frozen

@@ -31,7 +31,6 @@ from marketplace_ws.auth import Identity, TokenRejected, tokenFromQuery
 from marketplace_ws.broker.memory import MemoryBroker
 from marketplace_ws.channels import Authoriser
 from marketplace_ws.conversations import noConversations
-from marketplace_ws.db import DatabaseUnavailable
 from marketplace_ws.envelope import OpError, Request
 from marketplace_ws.hub import Hub
 from marketplace_ws.limits import ConnectionLimits, OpLimiter, Rate, TokenBucket
@@ -417,13 +416,9 @@ class ClientProtocol(WebSocketServerProtocol):
             self.send(envelope.error(problem.requestId, problem.code, problem.message))
 
     def _failed(self, failure: Failure, request: Request) -> None:
-        if failure.check(OpError):
-            problem = failure.value
+        problem = envelope.explain(failure.value)
+        if problem is not None:
             self.send(envelope.error(request.id, problem.code, problem.message))
-            return
-        if failure.check(DatabaseUnavailable):
-            # Nothing was done: the client may retry the same request later.
-            self.send(envelope.error(request.id, envelope.UNAVAILABLE, "database unavailable"))
             return
         _log.failure(
             "connection {connectionId}: {op} failed",

@@ -41,6 +41,7 @@ from marketplace_ws.hub import Hub
 from marketplace_ws.live import Live
 from marketplace_ws.metrics import Metrics
 from marketplace_ws.notifications import Notifications
+from marketplace_ws.outbox import OutboxPublisher
 from marketplace_ws.protocol import ConformanceProtocol, Handler, MarketplaceFactory
 
 _log = Logger()
@@ -130,6 +131,17 @@ class MarketplaceService(MultiService):
         self.factory = MarketplaceFactory(
             verifierFor(config.jwt, reactor), config.limits, reactor, self.live, ops
         )
+        # Started by _start once the database is migrated, not as a child service:
+        # MultiService would start it before the database is up.
+        self.outbox: OutboxPublisher | None = None
+        if self.database is not None:
+            self.outbox = OutboxPublisher(
+                self.database,
+                self.live.publish,
+                reactor,
+                sweepInterval=config.outbox.sweepInterval,
+                batchSize=config.outbox.batchSize,
+            )
         if config.conformance:
             self.factory.protocol = ConformanceProtocol
         metrics.gauge(
@@ -170,6 +182,13 @@ class MarketplaceService(MultiService):
             "framesOut": dict(counters.framesOut),
             "errors": dict(counters.errors),
             "published": dict(counters.published),
+            "outbox": None
+            if self.outbox is None
+            else {
+                "listening": self.outbox.listening,
+                "published": self.outbox.published,
+                "failed": self.outbox.failed,
+            },
             "database": None
             if database is None
             else {"available": database.available, "inFlight": database.inFlight},
@@ -202,6 +221,8 @@ class MarketplaceService(MultiService):
         config = self.config
         if self.database is not None:
             await self._startDatabase(self.database)
+        if self.outbox is not None:
+            self.outbox.startService()
         else:
             _log.warn("conformance mode: echoing every message, no authentication")
         await self._listen("WebSocket", config.wsEndpoint, config.wsSource, self.factory)
@@ -296,6 +317,14 @@ class MarketplaceService(MultiService):
         for port in self.ports:
             await maybeDeferred(port.stopListening)
         self.ports = []
+        if self.outbox is not None and self.outbox.running:
+            # Before the WebSockets close, so the last batch's events reach them.
+            stopping = self.outbox.stopService()
+            stopping.addTimeout(max(0.0, deadline - self.reactor.seconds()), self.reactor)
+            try:
+                await stopping
+            except defer.TimeoutError:
+                _log.warn("shutdown: the outbox batch in progress did not finish in time")
         count = len(self.factory.connections)
         closing = self.factory.closeAll()
         closing.addTimeout(timeout, self.reactor)

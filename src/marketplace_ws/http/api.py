@@ -40,7 +40,7 @@ from marketplace_ws.envelope import (
     TOO_LARGE,
     UNAUTHORIZED,
     UNAVAILABLE,
-    OpError,
+    explain,
 )
 from marketplace_ws.http import (
     conversations,
@@ -165,13 +165,15 @@ class ApiResource(Resource):
             reply = await self._dispatch(request)
         except ApiError as e:
             reply = _Reply(e.status, errorBody(e.code, e.message), e.headers)
-        except OpError as e:
-            reply = _Reply(STATUS[e.code], errorBody(e.code, e.message))
-        except Exception:  # noqa: BLE001 - the caller hears "internal"; the log has the rest
-            _log.failure(
-                "{method} {path} failed", method=_text(request.method), path=_path(request)
-            )
-            reply = _internal()
+        except Exception as e:  # noqa: BLE001 - the caller hears "internal"; the log has the rest
+            problem = explain(e)
+            if problem is not None:
+                reply = _Reply(STATUS[problem.code], errorBody(problem.code, problem.message))
+            else:
+                _log.failure(
+                    "{method} {path} failed", method=_text(request.method), path=_path(request)
+                )
+                reply = _internal()
         if gone:
             _log.debug(
                 "{method} {path}: the client went away before the answer",
