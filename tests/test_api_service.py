@@ -5,6 +5,7 @@ HTTP, their effects seen by real WebSocket clients.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import treq
@@ -148,3 +149,52 @@ class ApiTests(TestCase):
         self.assertEqual(response.code, 401)
         body = await response.text()
         self.assertNotIn(SECRET, body)
+
+
+class OperationsEndpointTests(TestCase):
+    timeout = 30
+
+    async def get(
+        self, service: MarketplaceService, path: str, token: str | None = None
+    ) -> tuple[int, bytes]:
+        headers: dict[str | bytes, str | bytes] = {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        response = await treq.get(httpURL(service, path), headers=headers, persistent=False)
+        return response.code, await response.content()
+
+    async def test_metrics(self) -> None:
+        service = await startService(self)
+        client = await join(service, "u1")
+        code, body = await self.get(service, "/metrics")
+        self.assertEqual(code, 200)
+        self.assertIn(b"mws_connections 1.0", body)
+        self.assertIn(b"process_resident_memory_bytes", body)
+        await client.close()
+
+    async def test_metricsToken(self) -> None:
+        token = "metrics-token-of-some-length-0123456789"
+        service = await startService(self, **{"metrics-token": token})
+        self.assertEqual((await self.get(service, "/metrics"))[0], 401)
+        self.assertEqual((await self.get(service, "/metrics", "wrong"))[0], 401)
+        code, body = await self.get(service, "/metrics", token)
+        self.assertEqual(code, 200)
+        self.assertNotIn(token.encode(), body)
+
+    async def test_ready(self) -> None:
+        """
+        Ready while the database answers; 503 naming it when it does not, and from the
+        moment a shutdown begins.
+        """
+        service = await startService(self)
+        code, body = await self.get(service, "/ready")
+        self.assertEqual((code, json.loads(body)), (200, {"status": "ready"}))
+        assert service.database is not None
+        await service.database.close()
+        code, body = await self.get(service, "/ready")
+        self.assertEqual(code, 503)
+        self.assertEqual(json.loads(body)["problems"], {"database": "unreachable"})
+        service.stopping = True
+        code, body = await self.get(service, "/ready")
+        self.assertEqual(json.loads(body)["problems"]["process"], "shutting down")
+        self.assertEqual((await self.get(service, "/health"))[0], 200)

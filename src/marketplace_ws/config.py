@@ -165,6 +165,13 @@ SETTINGS: tuple[Setting, ...] = (
         secret=True,
     ),
     Setting(
+        "metrics-token",
+        "METRICS_TOKEN",
+        None,
+        "Bearer token /metrics requires; unset: /metrics is open (keep the HTTP port private).",
+        secret=True,
+    ),
+    Setting(
         "jwt-public-key",
         "JWT_PUBLIC_KEY_FILE",
         None,
@@ -519,6 +526,7 @@ class Config:
     migrate: bool
     jwt: JWTSettings
     httpApiSecret: str | None = field(repr=False)
+    metricsToken: str | None = field(repr=False)
     limits: ConnectionLimits
     delivery: DeliverySettings
     outbox: OutboxSettings
@@ -732,6 +740,7 @@ def configFromOptions(
         migrate=_boolean(s["migrate"], text("migrate")) or databaseURL is None,
         jwt=_jwt(options, env, production),
         httpApiSecret=_secret(s["http-api-secret"], text("http-api-secret"), production),
+        metricsToken=text("metrics-token"),
         limits=_limits(options, env),
         delivery=DeliverySettings(
             historySize=_number(s["history-size"], text("history-size") or "", int, 0),

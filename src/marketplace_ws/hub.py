@@ -43,6 +43,7 @@ class Subscriber(Protocol):
     """
 
     connectionId: str
+
     @property
     def userId(self) -> str:
         """Whose connection it is: ephemeral events name a user to skip."""
@@ -171,8 +172,7 @@ class Hub:
             if ephemeral:
                 # Outside the sequence: only live subscribers, never held or counted.
                 if not (sub.active and sub.live) or (
-                    event.exclude is not None
-                    and sub.subscriber.userId == event.exclude
+                    event.exclude is not None and sub.subscriber.userId == event.exclude
                 ):
                     continue
                 if unprepared:

@@ -37,6 +37,8 @@ from marketplace_ws.db import Database, DatabaseUnreachable, migrate
 from marketplace_ws.http import site
 from marketplace_ws.http.api import apiResource
 from marketplace_ws.http.health import Health
+from marketplace_ws.http.metrics import MetricsResource
+from marketplace_ws.http.ready import Check, Ready
 from marketplace_ws.hub import Hub
 from marketplace_ws.live import Live
 from marketplace_ws.metrics import Metrics
@@ -93,6 +95,8 @@ class MarketplaceService(MultiService):
         self.embedded = embedded
         self.ownsProcess = ownsProcess
         self.exitCode = 0
+        #: Set when a shutdown begins: /ready answers 503 from then on.
+        self.stopping = False
         self.metrics = metrics = Metrics()
         self.database: Database | None = None
         if not config.conformance:
@@ -163,7 +167,25 @@ class MarketplaceService(MultiService):
         config = self.config
         backend = ServerBackend(self.live, self.chat, self.notifications, self.stats)
         api = apiResource(backend, config.httpApiSecret, config.httpMaxBody, config.corsOrigins)
-        return site({b"health": self.health, b"api": api}, config.httpMaxBody, config.corsOrigins)
+        children = {
+            b"health": self.health,
+            b"ready": Ready(self.readiness()),
+            b"metrics": MetricsResource(self.metrics.render, config.metricsToken),
+            b"api": api,
+        }
+        return site(children, config.httpMaxBody, config.corsOrigins)
+
+    def readiness(self) -> dict[str, Check]:
+        """What /ready checks: each dependency, and that no shutdown has begun."""
+        database = self.database
+
+        def stopping() -> str | None:
+            return "shutting down" if self.stopping else None
+
+        checks: dict[str, Check] = {"process": stopping}
+        if database is not None:
+            checks["database"] = lambda: None if database.available else "unreachable"
+        return checks
 
     def stats(self) -> dict[str, Any]:
         """This process's counts, for C{/api/v1/stats}."""
@@ -301,6 +323,7 @@ class MarketplaceService(MultiService):
         self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Deferred[None]:
+        self.stopping = True
         super().stopService()
         stopping = Deferred.fromCoroutine(self._stop())
         return stopping

@@ -17,8 +17,6 @@ meanwhile gets nothing written, and the work it asked for (a publish) still comp
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -51,6 +49,7 @@ from marketplace_ws.http import (
     stats,
     users,
 )
+from marketplace_ws.http._bearer import Bearer
 from marketplace_ws.http._cors import Cors
 from marketplace_ws.http._errors import STATUS, ApiError, errorBody, tooLargeMessage
 from marketplace_ws.http._json import respond
@@ -146,9 +145,7 @@ class ApiResource(Resource):
     ) -> None:
         super().__init__()
         self._backend = backend
-        # Compared as digests: compare_digest takes time independent of the contents
-        # but not of the lengths, and a digest's length tells nothing.
-        self._secret = None if secret is None else _digest(secret.encode("utf-8"))
+        self._secret = None if secret is None else Bearer(secret)
         self._maxBody = maxBody
         self._cors = cors
         self._router = router
@@ -250,26 +247,19 @@ class ApiResource(Resource):
             raise ApiError(
                 UNAVAILABLE, "the HTTP API is disabled: set HTTP_API_SECRET to enable it"
             )
-        values = request.requestHeaders.getRawHeaders(b"authorization") or []
-        # One header, "Bearer <token>"; two are a confused proxy, not a credential.
-        scheme, _, token = values[0].strip().partition(b" ") if len(values) == 1 else (b"",) * 3
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
+        token = Bearer.token(request)
+        if token is None:
             raise ApiError(
                 UNAUTHORIZED,
                 "send Authorization: Bearer <HTTP_API_SECRET>",
                 headers={b"www-authenticate": _CHALLENGE},
             )
-        if not hmac.compare_digest(_digest(token), self._secret):
+        if not self._secret.matches(token):
             raise ApiError(
                 UNAUTHORIZED,
                 "the bearer token is not this server's HTTP_API_SECRET",
                 headers={b"www-authenticate": _CHALLENGE + b', error="invalid_token"'},
             )
-
-
-def _digest(value: bytes) -> bytes:
-    return hashlib.sha256(value).digest()
 
 
 def _internal() -> _Reply:
