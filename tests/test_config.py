@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 from typing import Any
 
 from hypothesis import given
@@ -195,3 +196,14 @@ class DevSecretsTests(SynchronousTestCase):
         self.assertFalse(second.created)
         self.assertEqual(second.jwtSecret, first.jwtSecret)
         self.assertEqual(second.httpApiSecret, first.httpApiSecret)
+
+
+class DocumentationTests(SynchronousTestCase):
+    def test_everySettingDocumented(self) -> None:
+        """
+        Every environment variable is in README.rst's table or in docs/protocol.rst,
+        where an operator looks for it.
+        """
+        top = Path(__file__).parent.parent
+        text = (top / "README.rst").read_text() + (top / "docs" / "protocol.rst").read_text()
+        self.assertEqual([s.env for s in SETTINGS if s.env not in text], [])
