@@ -159,6 +159,35 @@ class _ReactorTimer:
         return _Call(self._reactor.callLater(delay, f, *args, **kwargs))
 
 
+_LEVELS = ("critical", "error", "warn", "info", "debug", "trace", "failure")
+
+
+class _ConnectionLog:
+    """
+    Autobahn's log for one connection: each of its lines names the connection, as ours
+    do, so an operator can follow one connection through the log. Levels that are
+    switched off stay txaio's no-op, so the per-frame debug calls cost nothing more.
+    """
+
+    def __init__(self, log: Any, connectionId: str) -> None:
+        for level in _LEVELS:
+            method = getattr(log, level, None)
+            if method is None or getattr(method, "__name__", "") == "_no_op":
+                setattr(self, level, method)
+            else:
+                setattr(self, level, self._naming(method, connectionId))
+
+    @staticmethod
+    def _naming(method: Callable[..., Any], connectionId: str) -> Callable[..., Any]:
+        def emit(format: Any = None, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("connectionId", connectionId)
+            if isinstance(format, str):
+                format = "connection {connectionId}: " + format
+            return method(format, *args, **kwargs)
+
+        return emit
+
+
 class ClientProtocol(WebSocketServerProtocol):
     """
     One browser connection.
@@ -185,6 +214,7 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:  # type: ignore[override]
         self.connectionId = uuid.uuid4().hex[:16]
+        self.log = _ConnectionLog(self.log, self.connectionId)
         self._timers: list[Any] = []
         self._garbage = 0
         limits = self.factory.limits
