@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 
 from marketplace_ws.auth import mintToken
 from marketplace_ws.client import Client, Closed, ServerError, connect
-from marketplace_ws.config import configFromOptions
+from marketplace_ws.config import ConfigError, configFromOptions
 from marketplace_ws.service import MarketplaceService
 from marketplace_ws.tap import serviceFor
 from tests import pg
@@ -144,6 +144,28 @@ class ShutdownTests(TestCase):
         self.assertEqual(rows[0][1], 42)
         with self.assertRaises(ConnectionRefusedError):
             await connect(url, mintToken(SECRET, "late"))
+
+    async def test_unmigratedSchemaRefused(self) -> None:
+        """
+        Without --migrate, a schema that lacks migrations stops start-up with the
+        command that fixes it, rather than failing every request later.
+        """
+        options: dict[str, Any] = {
+            "ws-port": "0",
+            "http-port": "0",
+            "database-url": pg.database_url(),
+            "database-schema": pg.fresh_schema(self),
+            "jwt-secret": SECRET,
+        }
+        service = serviceFor(configFromOptions(options, {}), reactor)
+        service.startService()
+        with self.assertRaises(ConfigError) as raised:
+            await service.ready
+        message = str(raised.exception)
+        self.assertTrue(message.startswith("MARKETPLACE_WS_MIGRATE (--migrate)"), message)
+        self.assertIn("0001", message)
+        self.assertIn("marketplace-ws migrate", message)
+        await service.stopService()
 
     async def test_fatalStartIsReported(self) -> None:
         """In-process, a start-up failure fails C{ready} with the setting's name."""

@@ -33,7 +33,7 @@ from marketplace_ws.channels import Authoriser
 from marketplace_ws.chat import Chat
 from marketplace_ws.config import Config, ConfigError, JWTSettings
 from marketplace_ws.conversations import Conversations, noConversations
-from marketplace_ws.db import Database, DatabaseUnreachable, migrate
+from marketplace_ws.db import Database, DatabaseUnreachable, migrate, pending
 from marketplace_ws.http import site
 from marketplace_ws.http.api import apiResource
 from marketplace_ws.http.health import Health
@@ -277,6 +277,16 @@ class MarketplaceService(MultiService):
                 schema=config.databaseSchema,
                 count=len(applied),
                 versions=applied,
+            )
+            return
+        # Serving on an older schema fails request by request; say so once, up front.
+        missing = await pending(database, config.databaseSchema)
+        if missing:
+            raise ConfigError(
+                "MARKETPLACE_WS_MIGRATE (--migrate)",
+                f"database schema {config.databaseSchema} lacks migration(s) "
+                f"{', '.join(missing)}: run `marketplace-ws migrate` first, or start with "
+                "--migrate",
             )
 
     async def _listen(self, what: str, description: str, source: str, factory: Any) -> None:
