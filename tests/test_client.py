@@ -603,6 +603,27 @@ class RecoveryProtocolTests(SynchronousTestCase):
         self.assertEqual(order, [11, ("recovery failed", "conversation:c1"), 501])
         self.assertEqual(harness.client.lastSeq("conversation:c1"), 501)
 
+    def test_resyncOnALiveConnection(self) -> None:
+        """
+        A resync frame (the server lost events it cannot replay) tells the application
+        and moves the channel's position to the server's seq, so a later reconnect
+        asks from there.
+        """
+        order: list[Any] = []
+        harness, _ = self.connected(
+            onRecoveryFailed=lambda channel: order.append(("recovery failed", channel)),
+            onFrame=lambda frame: order.append((frame["type"], frame.get("seq"))),
+        )
+        self.subscribed(harness, "listing:7", 4)
+        harness.factory.received(
+            {"type": "resync", "channel": "listing:7", "seq": 1, "recovered": False}
+        )
+        harness.push("listing:7", 2)
+        self.assertEqual(order, [("recovery failed", "listing:7"), ("resync", 1), ("event", 2)])
+        self.assertEqual(harness.client.lastSeq("listing:7"), 2)
+        requests = self.reconnect(harness, userSeq=3)
+        self.assertEqual(requests["listing:7"]["since"], 2)
+
     def test_dropDuringResubscribeKeepsSince(self) -> None:
         """
         Events replayed on a connection that drops before the reply are not passed

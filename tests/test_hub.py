@@ -22,7 +22,15 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from marketplace_ws import hub as hubModule
-from marketplace_ws.broker import ControlHandler, Delivery, Event, IBroker, Published, Recovery
+from marketplace_ws.broker import (
+    ControlHandler,
+    Delivery,
+    Event,
+    IBroker,
+    Published,
+    Reconnected,
+    Recovery,
+)
 from marketplace_ws.broker.memory import MemoryBroker
 from marketplace_ws.channels import Authoriser, Channel, parseChannel
 from marketplace_ws.envelope import (
@@ -110,6 +118,7 @@ class ControlledBroker:
         #: ("currentSeq", channel, None, seq).
         self.answers: list[tuple[str, str, int | None, Any]] = []
         self._deliver: Delivery | None = None
+        self.reconnected: Reconnected | None = None
         inner.setDelivery(self._filter)
 
     def _filter(self, event: Event) -> None:
@@ -134,6 +143,23 @@ class ControlledBroker:
 
     def setDelivery(self, deliver: Delivery) -> None:
         self._deliver = deliver
+
+    def setReconnected(self, handler: Reconnected) -> None:
+        self.reconnected = handler
+
+    def interrupt(self, channel: Channel = LISTING) -> Callable[[], None]:
+        """
+        Drop the channel's events from now on, as pub/sub does while the connection to
+        Redis is lost; the function returned resubscribes and says so.
+        """
+        self.watching[str(channel)] -= 1
+
+        def reconnect() -> None:
+            self.watching[str(channel)] += 1
+            assert self.reconnected is not None
+            self.reconnected()
+
+        return reconnect
 
     def watch(self, channel: str) -> Deferred[None]:
         self.watchCalls.append(channel)
@@ -709,6 +735,158 @@ class RecoveryTests(HubTestCase):
         broker.fireAll()
         self.refused(again, CONFLICT)
         self.assertEqual(alice.sent, [])
+
+
+class ResyncTests(HubTestCase):
+    """
+    After the broker missed events (Redis went away), every live subscription recovers
+    them from the history, or is told it cannot.
+    """
+
+    def live(self, subscriber: Recorder, channel: Channel = LISTING) -> None:
+        d = self.hub.subscribe(subscriber, channel)
+        self.broker_.fireAll()
+        self.successResultOf(d)
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.broker_ = self.controlled()
+
+    def test_replayed(self) -> None:
+        """
+        The missed events are replayed in order, with the events that arrived live
+        during the lookup after them, each once.
+        """
+        alice, bob = Recorder("c1"), Recorder("c2", "u2")
+        self.live(alice)
+        self.live(bob)
+        self.publish(n=2)
+        reconnect = self.broker_.interrupt()
+        self.publish(n=2)
+        reconnect()
+        lookup = self.broker_.take("history")
+        self.assertEqual((lookup.channel, self.broker_.pending), ("listing:1", []))
+        self.publish()
+        self.assertEqual(alice.seqs(), [1, 2])
+        lookup.fire()
+        self.publish()
+        for subscriber in (alice, bob):
+            self.assertEqual(subscriber.seqs(), [1, 2, 3, 4, 5, 6])
+            self.assertEqual({f["type"] for f in subscriber.frames()}, {"event"})
+
+    def test_nothingMissed(self) -> None:
+        alice = Recorder()
+        self.live(alice)
+        self.publish()
+        self.broker_.interrupt()()
+        self.broker_.fireAll()
+        self.publish()
+        self.assertEqual(alice.seqs(), [1, 2])
+
+    def test_tooOld(self) -> None:
+        """
+        When the history no longer holds every missed event, the subscriber is sent a
+        resync frame with the channel's seq, then the events after it.
+        """
+        alice = Recorder()
+        self.live(alice)
+        self.publish()
+        reconnect = self.broker_.interrupt()
+        self.publish(n=7)
+        reconnect()
+        self.broker_.fireAll()
+        self.publish()
+        self.assertEqual(
+            alice.frames()[1:],
+            [
+                {"type": "resync", "channel": "listing:1", "seq": 8, "recovered": False},
+                {"type": "event", "channel": "listing:1", "event": "e", "seq": 9, "data": {"n": 0}},
+            ],
+        )
+
+    def test_seqWentBack(self) -> None:
+        """
+        Redis lost the channel (restarted without persistence): the subscriber is told
+        where the channel is now, and receives what comes next.
+        """
+        alice = Recorder()
+        self.live(alice)
+        self.publish(n=3)
+        reconnect = self.broker_.interrupt()
+        fresh = MemoryBroker(self.clock, historySize=5)
+        fresh.setDelivery(self.broker_._filter)
+        self.broker_.inner = fresh
+        reconnect()
+        self.broker_.fireAll()
+        self.publish()
+        self.assertEqual(
+            alice.frames()[3:],
+            [
+                {"type": "resync", "channel": "listing:1", "seq": 0, "recovered": False},
+                {"type": "event", "channel": "listing:1", "event": "e", "seq": 1, "data": {"n": 0}},
+            ],
+        )
+
+    def test_lookupFails(self) -> None:
+        """
+        When the history cannot be read, the subscriber is told to reload rather than
+        left with a gap; what arrived live meanwhile follows.
+        """
+        alice = Recorder()
+        self.live(alice)
+        self.publish()
+        reconnect = self.broker_.interrupt()
+        self.publish()
+        reconnect()
+        lookup = self.broker_.take("history")
+        self.publish()
+        lookup.fail(OpError(UNAVAILABLE, "Redis is unreachable"))
+        self.assertEqual(len(self.flushLoggedErrors(OpError)), 1)
+        self.assertEqual(
+            [(f["type"], f["seq"]) for f in alice.frames()],
+            [("event", 1), ("resync", 1), ("event", 3)],
+        )
+
+    def test_subscribeWaits(self) -> None:
+        """
+        A subscribe to the channel while it recovers answers once it has.
+        """
+        alice = Recorder()
+        self.live(alice)
+        self.publish()
+        reconnect = self.broker_.interrupt()
+        self.publish()
+        reconnect()
+        again = self.hub.subscribe(alice, LISTING, since=1)
+        self.assertNoResult(again)
+        self.broker_.fireAll()
+        self.assertEqual(self.successResultOf(again)["seq"], 2)
+        self.assertEqual(alice.seqs(), [1, 2])
+
+    def test_unsubscribedMeanwhile(self) -> None:
+        alice = Recorder()
+        self.live(alice)
+        reconnect = self.broker_.interrupt()
+        self.publish()
+        reconnect()
+        self.assertTrue(self.hub.unsubscribe(alice, LISTING))
+        self.broker_.fireAll()
+        self.assertEqual(alice.sent, [])
+
+    def test_recoveringSubscriptionsUntouched(self) -> None:
+        """
+        A subscribe still recovering reads the history after the interruption anyway:
+        only live subscriptions resync.
+        """
+        alice = Recorder()
+        self.publish()
+        d = self.hub.subscribe(alice, LISTING, since=0)
+        self.broker_.take("watch").fire()
+        reconnect = self.broker_.interrupt()
+        reconnect()
+        self.assertEqual([p.kind for p in self.broker_.pending], ["history"])
+        self.broker_.fireAll()
+        self.assertEqual(self.successResultOf(d)["replayed"], 1)
 
 
 class LimitTests(HubTestCase):

@@ -794,6 +794,15 @@ class ReconnectingClient:
         if kind == "token.expiring" and self._client is not None:
             Deferred.fromCoroutine(self._refresh(self._client))
         channel = frame.get("channel")
+        if kind == "resync" and isinstance(channel, str):
+            # The server lost events it could not replay (its Redis restarted): what
+            # follows continues from its seq; the application reloads what it shows.
+            seq = frame.get("seq")
+            if isinstance(seq, int) and not isinstance(seq, bool):
+                self._lastSeq[channel] = seq
+            self._recoveryFailed(channel)
+            self._deliver(frame)
+            return
         seq = _sequenced(frame) if kind == "event" else None
         if seq is not None and isinstance(channel, str):
             pending = self._pending.get(channel)

@@ -617,17 +617,14 @@ def _jwt(options: Mapping[str, Any], env: Mapping[str, str], production: bool) -
 def _redis(setting: Setting, text: str | None) -> str | None:
     if text is None:
         return None
-    parts = urlsplit(text)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        # Not echoed: the URL may hold a password.
-        raise ConfigError(setting, "must look like redis://host:6379/0 or rediss://host:6380/0")
+    # Imported here: the broker pulls in txredisapi, which `--help` does not need.
+    from marketplace_ws.broker.redis import RedisURLError, parseRedisURL
+
     try:
-        _ = parts.port  # raises ValueError for a port that is not a number
-    except ValueError:
-        raise ConfigError(setting, "has a port that is not a number") from None
-    db = parts.path.lstrip("/")
-    if db and not db.isdigit():
-        raise ConfigError(setting, "database (the path) must be a number such as /0")
+        parseRedisURL(text)
+    except RedisURLError as e:
+        problem = str(e).removeprefix("REDIS_URL: ").removeprefix("REDIS_URL ")
+        raise ConfigError(setting, problem) from None
     return text
 
 

@@ -15,6 +15,11 @@ the held events follow, skipping any the history already held. The client sees e
 C{seq} once, in order, with no gap. A subscription without C{since} does the same from
 the channel's current C{seq}, so its reply tells the client exactly where it starts.
 
+When the broker says delivery was interrupted (Redis was away: pub/sub dropped what was
+published meanwhile), every live subscription recovers the same way from where it was,
+and one whose missed events are no longer all in the history is sent a C{resync} frame
+(C{recovered: false}, the channel's C{seq}) instead of being left with a silent gap.
+
 Authorisation is not the hub's: the C{subscribe} op checks it first
 (L{marketplace_ws.channels.Authorise}). The hub enforces the per-connection limit on
 subscriptions.
@@ -29,7 +34,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from marketplace_ws.broker import Event, IBroker, Published
+from marketplace_ws.broker import Event, IBroker, Published, Recovery
 from marketplace_ws.channels import Channel
 from marketplace_ws.envelope import CONFLICT, FORBIDDEN, UNAVAILABLE, OpError, encode
 
@@ -143,6 +148,7 @@ class Hub:
         self._channels: dict[str, _Channel] = {}
         self._bySubscriber: dict[Subscriber, dict[str, _Subscription]] = {}
         broker.setDelivery(self.deliver)
+        broker.setReconnected(self.resync)
 
     # Publishing and delivery
 
@@ -322,6 +328,62 @@ class Hub:
         sub.buffer = None
         return _result(sub, recovered, replayed)
 
+    def resync(self) -> None:
+        """
+        The broker may have missed events on every watched channel: bring each live
+        subscription up to date from the history, holding live events meanwhile as a
+        recovering subscribe does.
+        """
+        for entry in list(self._channels.values()):
+            subs = [s for s in entry.subscriptions.values() if s.active and s.live]
+            if not entry.watched or not subs:
+                continue
+            for sub in subs:
+                sub.live = False
+                sub.buffer = []
+            Deferred.fromCoroutine(self._resync(entry.name, subs))
+
+    async def _resync(self, name: str, subs: list[_Subscription]) -> None:
+        while subs:
+            recovery: Recovery | None = None
+            try:
+                recovery = await self.broker.history(name, min(sub.last for sub in subs))
+            except Exception:  # noqa: BLE001 - the subscribers are told to reload instead
+                _log.failure("recovering {channel} after an interruption failed", channel=name)
+            overrun = []
+            for sub in subs:
+                if not sub.active:
+                    continue
+                if sub.buffer is None:
+                    # More live events than maxPending during the lookup: look again.
+                    sub.buffer = []
+                    overrun.append(sub)
+                    continue
+                if recovery is not None and recovery.recovered and sub.last <= recovery.seq:
+                    for event in recovery.events:
+                        if event.seq > sub.last and sub.active:
+                            sub.last = event.seq
+                            self._send(sub, pushFrame(event), None)
+                else:
+                    # A gap the history cannot fill (or Redis lost the channel's seq):
+                    # the client reloads, and continues after seq.
+                    if recovery is not None:
+                        sub.last = recovery.seq
+                    self._send(sub, resyncFrame(name, sub.last), None)
+                held = sub.buffer
+                index = 0
+                while held is not None and index < len(held) and sub.active:
+                    seq, frame = held[index]
+                    index += 1
+                    if seq > sub.last:
+                        sub.last = seq
+                        self._send(sub, frame, None)
+                if sub.active:
+                    sub.live = True
+                    sub.buffer = None
+                    sub.settle()
+            subs = overrun
+
     def _check(self, sub: _Subscription) -> None:
         if not sub.active:
             raise _abandoned(sub)
@@ -452,6 +514,14 @@ def _abandoned(sub: _Subscription) -> OpError:
 
 def _result(sub: _Subscription, recovered: bool | None, replayed: int) -> dict[str, Any]:
     return {"channel": sub.channel, "seq": sub.last, "recovered": recovered, "replayed": replayed}
+
+
+def resyncFrame(channel: str, seq: int) -> bytes:
+    """
+    Events of the channel were lost and cannot be replayed: reload what it shows, then
+    continue with the events after C{seq}.
+    """
+    return encode({"type": "resync", "channel": channel, "seq": seq, "recovered": False})
 
 
 def pushFrame(event: Event) -> bytes:

@@ -77,10 +77,14 @@ class ServerCollector(Collector):
     """
 
     def __init__(
-        self, counters: Counters, gauges: dict[str, tuple[str, Callable[[], float]]]
+        self,
+        counters: Counters,
+        gauges: dict[str, tuple[str, Callable[[], float]]],
+        totals: dict[str, tuple[str, Callable[[], float]]],
     ) -> None:
         self._counters = counters
         self._gauges = gauges
+        self._totals = totals
 
     def collect(self) -> Iterator[Any]:
         c = self._counters
@@ -101,6 +105,8 @@ class ServerCollector(Collector):
         )
         for name, (text, read) in self._gauges.items():
             yield GaugeMetricFamily(name, text, value=read())
+        for name, (text, read) in self._totals.items():
+            yield CounterMetricFamily(name, text, value=read())
 
 
 def _counter(name: str, text: str, value: int) -> CounterMetricFamily:
@@ -138,12 +144,17 @@ class Metrics:
             registry=self.registry,
         )
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
-        self.registry.register(ServerCollector(self.counters, self.gauges))
+        self.totals: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.registry.register(ServerCollector(self.counters, self.gauges, self.totals))
         self.registry.register(ProcessCollector(registry=None))
 
     def gauge(self, name: str, text: str, read: Callable[[], float]) -> None:
         """Report C{read()} at every scrape."""
         self.gauges[name] = (text, read)
+
+    def total(self, name: str, text: str, read: Callable[[], float]) -> None:
+        """Report C{read()}, a count kept elsewhere that only grows, at every scrape."""
+        self.totals[name] = (text, read)
 
     def observeQuery(self, name: str, seconds: float, ok: bool) -> None:
         """The database pool's C{observe} hook."""

@@ -28,7 +28,9 @@ from twisted.web.server import Site
 
 from marketplace_ws.auth import TokenVerifier, verifierFromSettings
 from marketplace_ws.backend import ServerBackend
+from marketplace_ws.broker import IBroker
 from marketplace_ws.broker.memory import MemoryBroker
+from marketplace_ws.broker.redis import RedisBroker, RedisUnavailable
 from marketplace_ws.channels import Authoriser
 from marketplace_ws.chat import Chat
 from marketplace_ws.config import Config, ConfigError, JWTSettings
@@ -75,6 +77,27 @@ def verifierFor(settings: JWTSettings, reactor: Any) -> TokenVerifier:
         raise ConfigError("JWT_ALGORITHMS (--jwt-algorithms)", str(e)) from None
 
 
+def brokerFor(config: Config, reactor: Any) -> IBroker:
+    """Redis when C{REDIS_URL} is set (many processes, one marketplace), else memory."""
+    delivery = config.delivery
+    if config.redisURL is None:
+        return MemoryBroker(
+            reactor,
+            historySize=delivery.historySize,
+            historyAge=delivery.historyAge,
+            idempotencyWindow=delivery.idempotencyWindow,
+        )
+    return RedisBroker(
+        config.redisURL,
+        reactor,
+        historySize=delivery.historySize,
+        historyAge=delivery.historyAge,
+        idempotencyWindow=delivery.idempotencyWindow,
+        # A channel's seq must outlive its history and its idempotency keys.
+        seqTTL=max(7 * 86400.0, delivery.historyAge, delivery.idempotencyWindow),
+    )
+
+
 class MarketplaceService(MultiService):
     """
     One marketplace-ws process: the database pool, the WebSocket listener and the
@@ -109,13 +132,7 @@ class MarketplaceService(MultiService):
                 reactor=reactor,
                 observe=metrics.observeQuery,
             )
-        delivery = config.delivery
-        self.broker = MemoryBroker(
-            reactor,
-            historySize=delivery.historySize,
-            historyAge=delivery.historyAge,
-            idempotencyWindow=delivery.idempotencyWindow,
-        )
+        self.broker = brokerFor(config, reactor)
         hub = Hub(self.broker)
         hub.delivered = lambda event: metrics.publishLatency.observe(
             max(0.0, reactor.seconds() - event.time)
@@ -157,6 +174,19 @@ class MarketplaceService(MultiService):
             "mws_users", "Users with a connection to this process.", lambda: len(self.live.byUser)
         )
         metrics.gauge("mws_channels", "Channels with local subscribers.", hub.channelCount)
+        broker = self.broker
+        if isinstance(broker, RedisBroker):
+            metrics.total(
+                "mws_redis_round_trips", "Redis commands sent.", lambda: broker.roundTrips
+            )
+            metrics.total(
+                "mws_redis_publish_round_trips",
+                "Redis commands sent for publishes (one each).",
+                lambda: broker.publishRoundTrips,
+            )
+            metrics.total(
+                "mws_redis_reconnections", "Reconnections to Redis.", lambda: broker.reconnections
+            )
         self.health = Health(reactor.seconds, lambda: len(self.factory.connections))
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
@@ -185,6 +215,9 @@ class MarketplaceService(MultiService):
         checks: dict[str, Check] = {"process": stopping}
         if database is not None:
             checks["database"] = lambda: None if database.available else "unreachable"
+        broker = self.broker
+        if isinstance(broker, RedisBroker):
+            checks["redis"] = lambda: None if broker.available else "unreachable"
         return checks
 
     def stats(self) -> dict[str, Any]:
@@ -243,6 +276,11 @@ class MarketplaceService(MultiService):
         config = self.config
         if self.database is not None:
             await self._startDatabase(self.database)
+        if isinstance(self.broker, RedisBroker):
+            try:
+                await self.broker.start()
+            except RedisUnavailable as e:
+                raise ConfigError("REDIS_URL (--redis-url)", e.problem) from None
         if self.outbox is not None:
             self.outbox.startService()
         else:
@@ -370,6 +408,9 @@ class MarketplaceService(MultiService):
                 timeout=timeout,
             )
             self.factory.abortAll()
+        if isinstance(self.broker, RedisBroker):
+            # Withdraws this process's presence at once, rather than at lease expiry.
+            await self.broker.stop()
         if self.database is not None:
             remaining = max(0.0, deadline - self.reactor.seconds())
             await self.database.close(timeout=remaining)

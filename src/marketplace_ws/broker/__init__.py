@@ -79,6 +79,9 @@ Delivery = Callable[[Event], None]
 #: Receives control messages: C{handler(kind, data)}.
 ControlHandler = Callable[[str, Mapping[str, Any]], None]
 
+#: Told that events may have been missed: C{handler()}.
+Reconnected = Callable[[], None]
+
 
 class IBroker(Interface):
     """
@@ -100,6 +103,14 @@ class IBroker(Interface):
         Watches are counted: a channel is delivered while it has been watched more
         times than unwatched. (The hub unwatches only a watch that has fired, but may
         watch a channel again while an unwatch is in flight.)
+        """
+
+    def setReconnected(handler: Reconnected) -> None:
+        """
+        Call C{handler()} when delivery was interrupted and is sure again: events
+        published meanwhile on watched channels were not delivered (Redis pub/sub does
+        not keep them), and each subscriber must recover them from the history. The
+        in-process broker never misses one.
         """
 
     def unwatch(channel: str) -> Deferred[None]:
@@ -190,4 +201,12 @@ class IBroker(Interface):
         """
 
 
-__all__ = ["ControlHandler", "Delivery", "Event", "IBroker", "Published", "Recovery"]
+__all__ = [
+    "ControlHandler",
+    "Delivery",
+    "Event",
+    "IBroker",
+    "Published",
+    "Reconnected",
+    "Recovery",
+]

@@ -28,7 +28,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from marketplace_ws.broker import ControlHandler, Delivery, Event, IBroker, Published, Recovery
+from marketplace_ws.broker import (
+    ControlHandler,
+    Delivery,
+    Event,
+    IBroker,
+    Published,
+    Reconnected,
+    Recovery,
+)
 
 _log = Logger()
 
@@ -85,6 +93,10 @@ class MemoryBroker:
 
     def setDelivery(self, deliver: Delivery) -> None:
         self._deliver = deliver
+
+    def setReconnected(self, handler: Reconnected) -> None:
+        # Delivery is a function call: it is never interrupted.
+        pass
 
     def watch(self, channel: str) -> Deferred[None]:
         state = self._channel(channel)
