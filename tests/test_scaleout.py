@@ -43,13 +43,13 @@ class ScaleOutTestCase(ServerTestMixin, TestCase):
     timeout = 120
 
     async def cluster(
-        self, count: int = 3, **settings: str
+        self, count: int = 3, settings: dict[str, str] | None = None
     ) -> tuple[list[ServerProcess], redisserver.RedisServer]:
         redis = redisserver.private_server(self)
         schema = pg.fresh_schema(self)
         args = ["--ws-port", "0", "--http-port", "0", "--database-url", pg.database_url()]
         args += ["--database-schema", schema, "--redis-url", redis.url]
-        for name, value in settings.items():
+        for name, value in (settings or {}).items():
             args += [f"--{name}", value]
         env = {"JWT_SECRET": SECRET, "HTTP_API_SECRET": SECRET}
         # One migrates first: the others would wait on its advisory lock anyway.
@@ -150,7 +150,7 @@ class PresenceTests(ScaleOutTestCase):
         self.assertEqual((leave["event"], leave["data"]), ("presence.leave", {"userId": "alice"}))
 
     async def test_disconnectAndConnectionLimitAnywhere(self) -> None:
-        (a, b, c), _ = await self.cluster(**{"max-connections-per-user": "2"})
+        (a, b, c), _ = await self.cluster(settings={"max-connections-per-user": "2"})
         onB = await self.join(b, "carol")
         onC = await self.join(c, "carol")
         with self.assertRaises(Closed) as refused:
@@ -194,7 +194,7 @@ class RedisRestartTests(ScaleOutTestCase):
                 break
             await deferLaterSeconds(0.5)
         self.assertEqual(code, 200)
-        frames = []
+        frames: list[dict[str, Any]] = []
         while not any(f.get("type") == "event" and f["data"] == 3 for f in frames):
             frames.append(await nextFrame(client, timeout=30))
         frames += await drained(client)

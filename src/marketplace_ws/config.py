@@ -107,6 +107,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Twisted endpoint string for the HTTP API, instead of --http-port.",
     ),
     Setting(
+        "tls-cert",
+        "TLS_CERT",
+        None,
+        "PEM file: the server's certificate, then its intermediates (certbot's "
+        "fullchain.pem). With --tls-key, both listeners serve TLS (wss://, https://); "
+        "SIGHUP reloads the files.",
+    ),
+    Setting(
+        "tls-key",
+        "TLS_KEY",
+        None,
+        "PEM file: the certificate's private key, unencrypted (certbot's privkey.pem).",
+    ),
+    Setting(
         "database-url",
         "DATABASE_URL",
         None,
@@ -509,6 +523,14 @@ class OutboxSettings:
 
 
 @frozen
+class TLSSettings:
+    """The files both listeners serve TLS from (L{marketplace_ws.tls})."""
+
+    certificate: Path
+    key: Path
+
+
+@frozen
 class Config:
     """
     The validated settings of one server process.
@@ -537,6 +559,7 @@ class Config:
     production: bool
     conformance: bool
     shutdownTimeout: float
+    tls: TLSSettings | None = None
 
     @property
     def embeddedDatabase(self) -> bool:
@@ -673,6 +696,31 @@ def _limits(options: Mapping[str, Any], env: Mapping[str, str]) -> ConnectionLim
     )
 
 
+def _tls(
+    options: Mapping[str, Any], env: Mapping[str, str], endpoints: Mapping[str, str]
+) -> TLSSettings | None:
+    """
+    The certificate and key files, both or neither. An C{ssl:} endpoint (whose TLS is
+    Twisted's own, without reload) cannot be combined with them: TLS twice.
+    """
+    s = BY_FLAG
+    cert, key = raw(s["tls-cert"], options, env), raw(s["tls-key"], options, env)
+    if cert is None and key is None:
+        return None
+    if key is None:
+        raise ConfigError(s["tls-key"], "is required with TLS_CERT: the certificate's private key")
+    if cert is None:
+        raise ConfigError(s["tls-cert"], "is required with TLS_KEY: the certificate and its chain")
+    for flag, description in endpoints.items():
+        if description.startswith("ssl:"):
+            raise ConfigError(
+                s[flag],
+                "is an ssl: endpoint, which has TLS of its own; with TLS_CERT and TLS_KEY "
+                "give a port or a tcp: endpoint",
+            )
+    return TLSSettings(Path(cert), Path(key))
+
+
 def databaseFromOptions(
     options: Mapping[str, Any], environ: Mapping[str, str]
 ) -> tuple[DatabaseURL | None, str]:
@@ -759,4 +807,5 @@ def configFromOptions(
         production=production,
         conformance=conformance,
         shutdownTimeout=_number(s["shutdown-timeout"], text("shutdown-timeout") or "", float, 0),
+        tls=_tls(options, env, {"ws-endpoint": wsEndpoint, "http-endpoint": httpEndpoint}),
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -33,7 +34,7 @@ from marketplace_ws.broker.memory import MemoryBroker
 from marketplace_ws.broker.redis import RedisBroker, RedisUnavailable
 from marketplace_ws.channels import Authoriser
 from marketplace_ws.chat import Chat
-from marketplace_ws.config import Config, ConfigError, JWTSettings
+from marketplace_ws.config import BY_FLAG, Config, ConfigError, JWTSettings
 from marketplace_ws.conversations import Conversations, noConversations
 from marketplace_ws.db import Database, DatabaseUnreachable, migrate, pending
 from marketplace_ws.http import site
@@ -47,6 +48,7 @@ from marketplace_ws.metrics import Metrics
 from marketplace_ws.notifications import Notifications
 from marketplace_ws.outbox import OutboxPublisher
 from marketplace_ws.protocol import ConformanceProtocol, Handler, MarketplaceFactory
+from marketplace_ws.tls import ServerTLS, TLSFileError, installReloadOnSIGHUP
 
 _log = Logger()
 
@@ -120,6 +122,14 @@ class MarketplaceService(MultiService):
         self.exitCode = 0
         #: Set when a shutdown begins: /ready answers 503 from then on.
         self.stopping = False
+        #: Both listeners' TLS, when TLS_CERT and TLS_KEY are set; SIGHUP reloads it.
+        self.tls: ServerTLS | None = None
+        if config.tls is not None:
+            try:
+                self.tls = ServerTLS(config.tls.certificate, config.tls.key)
+            except TLSFileError as e:
+                raise ConfigError(BY_FLAG[e.flag], str(e)) from None
+        self._uninstallSIGHUP: Callable[[], None] | None = None
         self.metrics = metrics = Metrics()
         self.database: Database | None = None
         if not config.conformance:
@@ -253,6 +263,8 @@ class MarketplaceService(MultiService):
         super().startService()
         if self.ownsProcess:
             self.reactor.addSystemEventTrigger("after", "shutdown", self._exitStatus)
+            if self.tls is not None:
+                self._uninstallSIGHUP = installReloadOnSIGHUP(self.reactor, self.tls.reload)
         self._starting = Deferred.fromCoroutine(self._start())
         self._starting.addErrback(self._fatal)
 
@@ -328,6 +340,8 @@ class MarketplaceService(MultiService):
             )
 
     async def _listen(self, what: str, description: str, source: str, factory: Any) -> None:
+        if self.tls is not None:
+            factory = self.tls.wrap(factory)
         endpoint = serverFromString(self.reactor, description)
         try:
             port = await endpoint.listen(factory)
@@ -372,6 +386,9 @@ class MarketplaceService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         self.stopping = True
+        if self._uninstallSIGHUP is not None:
+            self._uninstallSIGHUP()
+            self._uninstallSIGHUP = None
         super().stopService()
         stopping = Deferred.fromCoroutine(self._stop())
         return stopping
