@@ -58,8 +58,10 @@ EXPOSE 8080 8081
 # Liveness from inside the container, on the HTTP port. Slim images have no curl, and
 # ProxyHandler({}) keeps an HTTP(S)_PROXY in the environment from capturing a loopback
 # request.
+# With TLS_CERT set the listeners speak TLS: the check then uses https, without
+# verifying (it asks 127.0.0.1, which the certificate does not name).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-I", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health' % (os.environ.get('HTTP_PORT') or '8081'), timeout=4)"]
+    CMD ["python", "-I", "-c", "import os, ssl, urllib.request as u; e = os.environ.get; u.build_opener(u.ProxyHandler({}), u.HTTPSHandler(context=ssl._create_unverified_context())).open('%s://127.0.0.1:%s/health' % ('https' if e('TLS_CERT') else 'http', e('HTTP_PORT') or '8081'), timeout=4)"]
 # On SIGTERM the server stops accepting, closes WebSockets with 1001 and exits 0 within
 # SHUTDOWN_TIMEOUT (10 s): give it more than that (docker stop -t 20,
 # stop_grace_period: 20s in Compose).
