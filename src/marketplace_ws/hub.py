@@ -75,6 +75,7 @@ class _Subscription:
         "entry",
         "last",
         "live",
+        "send",
         "start",
         "subscriber",
         "waiters",
@@ -82,6 +83,8 @@ class _Subscription:
 
     def __init__(self, subscriber: Subscriber, entry: _Channel) -> None:
         self.subscriber = subscriber
+        #: The subscriber's deliver, looked up once rather than per event.
+        self.send = subscriber.deliver
         self.entry = entry
         self.channel = entry.name
         #: False once unsubscribed: a recovery finishing later must not deliver.
@@ -142,9 +145,9 @@ class Hub:
         self.maxSubscriptions = maxSubscriptions
         self.maxPending = maxPending
         self.prepare = prepare
-        #: Called with each sequenced event once it has been written to every local
-        #: subscriber (for the publish-to-send latency histogram).
-        self.delivered: Callable[[Event], None] | None = None
+        #: Called with each event and how many local subscribers it was written to,
+        #: once it has been written to all of them (metrics).
+        self.delivered: Callable[[Event, int], None] | None = None
         self._channels: dict[str, _Channel] = {}
         self._bySubscriber: dict[Subscriber, dict[str, _Subscription]] = {}
         broker.setDelivery(self.deliver)
@@ -164,42 +167,55 @@ class Hub:
     def deliver(self, event: Event) -> None:
         """
         Send one event from the broker to every local subscriber of its channel.
+
+        This is the fan-out's hot loop: per subscriber, two comparisons and one call
+        of the connection's C{deliver}, bound once per subscription.
         """
         entry = self._channels.get(event.channel)
         if entry is None:
             return
         frame = pushFrame(event)
-        prepared: Any = None
-        unprepared = self.prepare is not None
-        ephemeral = event.ephemeral
+        prepared = None if self.prepare is None else self.prepare(frame)
         # A copy: a subscriber may be unsubscribed while we deliver (a slow consumer
         # closed by its own deliver).
-        for sub in list(entry.subscriptions.values()):
-            if ephemeral:
-                # Outside the sequence: only live subscribers, never held or counted.
-                if not (sub.active and sub.live) or (
-                    event.exclude is not None and sub.subscriber.userId == event.exclude
-                ):
+        subscriptions = list(entry.subscriptions.values())
+        if event.ephemeral:
+            sent = self._broadcast(subscriptions, event, frame, prepared)
+        else:
+            seq = event.seq
+            sent = 0
+            for sub in subscriptions:
+                if seq <= sub.last or not sub.active:
                     continue
-                if unprepared:
-                    assert self.prepare is not None
-                    prepared = self.prepare(frame)
-                    unprepared = False
-                self._send(sub, frame, prepared)
+                if not sub.live:
+                    self._hold(sub, seq, frame)
+                    continue
+                sub.last = seq
+                sent += 1
+                try:
+                    sub.send(frame, prepared)
+                except Exception:  # noqa: BLE001 - one broken connection must not stop the rest
+                    self._sendFailed(sub)
+        if self.delivered is not None:
+            self.delivered(event, sent)
+
+    def _broadcast(
+        self, subscriptions: list[_Subscription], event: Event, frame: bytes, prepared: Any
+    ) -> int:
+        """Ephemeral events: outside the sequence, to live subscribers only, never held."""
+        sent = 0
+        exclude = event.exclude
+        for sub in subscriptions:
+            if not (sub.active and sub.live) or (
+                exclude is not None and sub.subscriber.userId == exclude
+            ):
                 continue
-            if not sub.active or event.seq <= sub.last:
-                continue
-            if not sub.live:
-                self._hold(sub, event.seq, frame)
-                continue
-            if unprepared:
-                assert self.prepare is not None
-                prepared = self.prepare(frame)
-                unprepared = False
-            sub.last = event.seq
-            self._send(sub, frame, prepared)
-        if self.delivered is not None and not ephemeral:
-            self.delivered(event)
+            sent += 1
+            try:
+                sub.send(frame, prepared)
+            except Exception:  # noqa: BLE001 - as in deliver
+                self._sendFailed(sub)
+        return sent
 
     def _hold(self, sub: _Subscription, seq: int, frame: bytes) -> None:
         if sub.buffer is None:
@@ -211,13 +227,16 @@ class Hub:
 
     def _send(self, sub: _Subscription, frame: bytes, prepared: Any) -> None:
         try:
-            sub.subscriber.deliver(frame, prepared)
+            sub.send(frame, prepared)
         except Exception:  # noqa: BLE001 - one broken connection must not stop the fan-out
-            _log.failure(
-                "delivering to {connectionId} on {channel} failed",
-                connectionId=sub.subscriber.connectionId,
-                channel=sub.channel,
-            )
+            self._sendFailed(sub)
+
+    def _sendFailed(self, sub: _Subscription) -> None:
+        _log.failure(
+            "delivering to {connectionId} on {channel} failed",
+            connectionId=sub.subscriber.connectionId,
+            channel=sub.channel,
+        )
 
     # Subscriptions
 

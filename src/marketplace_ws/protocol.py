@@ -159,33 +159,43 @@ class _ReactorTimer:
         return _Call(self._reactor.callLater(delay, f, *args, **kwargs))
 
 
-_LEVELS = ("critical", "error", "warn", "info", "debug", "trace", "failure")
-
-
 class _ConnectionLog:
     """
     Autobahn's log for one connection: each of its lines names the connection, as ours
-    do, so an operator can follow one connection through the log. Levels that are
-    switched off stay txaio's no-op, so the per-frame debug calls cost nothing more.
+    do, so an operator can follow one connection through the log. Two references per
+    connection; C{debug} and C{trace}, called per frame and normally off, are the
+    class logger's own methods (txaio's no-op when off), so they cost nothing more.
     """
 
+    __slots__ = ("_id", "_log", "debug", "trace")
+
     def __init__(self, log: Any, connectionId: str) -> None:
-        for level in _LEVELS:
-            method = getattr(log, level, None)
-            if method is None or getattr(method, "__name__", "") == "_no_op":
-                setattr(self, level, method)
-            else:
-                setattr(self, level, self._naming(method, connectionId))
+        self._log = log
+        self._id = connectionId
+        self.debug = log.debug
+        self.trace = log.trace
 
-    @staticmethod
-    def _naming(method: Callable[..., Any], connectionId: str) -> Callable[..., Any]:
-        def emit(format: Any = None, *args: Any, **kwargs: Any) -> Any:
-            kwargs.setdefault("connectionId", connectionId)
-            if isinstance(format, str):
-                format = "connection {connectionId}: " + format
-            return method(format, *args, **kwargs)
+    def _emit(self, level: str, format: Any, kwargs: dict[str, Any]) -> Any:
+        kwargs.setdefault("connectionId", self._id)
+        if isinstance(format, str):
+            format = "connection {connectionId}: " + format
+        return getattr(self._log, level)(format, **kwargs)
 
-        return emit
+    def critical(self, format: Any = None, **kwargs: Any) -> Any:
+        return self._emit("critical", format, kwargs)
+
+    def error(self, format: Any = None, **kwargs: Any) -> Any:
+        return self._emit("error", format, kwargs)
+
+    def warn(self, format: Any = None, **kwargs: Any) -> Any:
+        return self._emit("warn", format, kwargs)
+
+    def info(self, format: Any = None, **kwargs: Any) -> Any:
+        return self._emit("info", format, kwargs)
+
+    def failure(self, format: Any = None, failure: Any = None, **kwargs: Any) -> Any:
+        kwargs["failure"] = failure
+        return self._emit("failure", format, kwargs)
 
 
 class ClientProtocol(WebSocketServerProtocol):
@@ -385,11 +395,14 @@ class ClientProtocol(WebSocketServerProtocol):
                 self.factory.counters.slow += 1
                 self.close(CLOSE_SLOW, "too slow to keep up with events")
                 return
-        self.factory.counters.framesOut["event"] += 1
-        if prepared is not None:
-            self.sendPreparedMessage(prepared)
-        else:
+        if prepared is None:
             self.sendMessage(frame, isBinary=False)
+        elif self._perMessageCompress is None or prepared.doNotCompress:
+            # The prepared frame as it is: what sendPreparedMessage would do, without
+            # Autobahn's per-call bookkeeping (octet and frame logging are off).
+            self.transport.write(prepared.payloadHybi)  # type: ignore[union-attr]
+        else:
+            self.sendPreparedMessage(prepared)
 
     def disconnect(self, reason: str) -> None:
         """Closed by the HTTP API (logout, ban): 4003, not to be retried at once."""

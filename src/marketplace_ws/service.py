@@ -29,7 +29,7 @@ from twisted.web.server import Site
 
 from marketplace_ws.auth import TokenVerifier, verifierFromSettings
 from marketplace_ws.backend import ServerBackend
-from marketplace_ws.broker import IBroker
+from marketplace_ws.broker import Event, IBroker
 from marketplace_ws.broker.memory import MemoryBroker
 from marketplace_ws.broker.redis import RedisBroker, RedisUnavailable
 from marketplace_ws.channels import Authoriser
@@ -144,9 +144,7 @@ class MarketplaceService(MultiService):
             )
         self.broker = brokerFor(config, reactor)
         hub = Hub(self.broker)
-        hub.delivered = lambda event: metrics.publishLatency.observe(
-            max(0.0, reactor.seconds() - event.time)
-        )
+        hub.delivered = self._delivered
         conversations = Conversations(self.database) if self.database is not None else None
         self.authoriser = Authoriser(
             conversations.isParticipant if conversations is not None else noConversations, reactor
@@ -201,6 +199,14 @@ class MarketplaceService(MultiService):
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
         self._starting: Deferred[None] | None = None
+
+    def _delivered(self, event: Event, sent: int) -> None:
+        """Count an event's fan-out once, not per subscriber."""
+        if sent:
+            self.metrics.counters.framesOut["event"] += sent
+            if not event.ephemeral:
+                latency = max(0.0, self.reactor.seconds() - event.time)
+                self.metrics.publishLatency.observe(latency)
 
     def site(self) -> Site:
         """The HTTP API and health checks."""
