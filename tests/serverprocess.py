@@ -57,11 +57,11 @@ class ServerProcess(ProcessProtocol):
 
     @property
     def wsPort(self) -> int:
-        return self.ports["websocket"]
+        return self.ports.get("websocket") or self.ports["http+websocket"]
 
     @property
     def httpPort(self) -> int:
-        return self.ports["http"]
+        return self.ports.get("http") or self.ports["http+websocket"]
 
     def outReceived(self, data: bytes) -> None:
         self.stdout += data

@@ -43,7 +43,7 @@ from twisted.web.server import Request, Site
 
 from marketplace_ws.auth import mintToken
 from marketplace_ws.client import connect
-from marketplace_ws.config import BY_FLAG, SETTINGS
+from marketplace_ws.config import BY_FLAG, SETTINGS, configFromOptions
 from marketplace_ws.service import EX_CONFIG
 from tests import pg
 from tests.serverprocess import ServerProcess, baseEnvironment, binary
@@ -475,9 +475,17 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(self.env["MARKETPLACE_WS_MIGRATE"]["value"], "true")
 
     def test_publicPortIsTheWebSocketPort(self) -> None:
-        """Render routes its public traffic (and its health check) to PORT."""
+        """
+        Render routes its public traffic (and its health check) to PORT: both listeners
+        share it, so /health and the API answer there and WebSockets upgrade there.
+        """
         self.assertEqual(self.env["PORT"]["value"], self.env["WS_PORT"]["value"])
-        self.assertEqual(self.env["HTTP_PORT"]["value"], str(HTTP_PORT))
+        self.assertEqual(self.env["HTTP_PORT"]["value"], self.env["WS_PORT"]["value"])
+        options = {
+            "ws-port": self.env["WS_PORT"]["value"],
+            "http-port": self.env["HTTP_PORT"]["value"],
+        }
+        self.assertTrue(configFromOptions(options, {}).sharedPort)
 
     def test_databaseAndRedisWired(self) -> None:
         databases = {d["name"]: d for d in self.blueprint["databases"]}

@@ -25,6 +25,7 @@ from tests.serverprocess import ServerProcess, baseEnvironment, binary, runComma
 
 SECRET = "s" * 40
 API_SECRET = "a" * 40
+AUTHORIZATION: dict[str | bytes, str | bytes] = {"Authorization": f"Bearer {API_SECRET}"}
 
 
 def freePort() -> int:
@@ -85,6 +86,41 @@ class QuickStartTests(ServerTestMixin, TestCase):
         self.assertEqual(client.welcome["userId"], "u1")
         self.assertEqual(client.welcome["type"], "welcome")
         self.assertTrue(client.welcome["connectionId"])
+        await client.close()
+        server.signal(signal.SIGTERM)
+        self.assertEqual(await server.ended, 0)
+
+    async def test_onePortServesBoth(self) -> None:
+        """
+        WS_PORT equal to HTTP_PORT (a platform with one public port): one listener
+        answers /health and the API, and upgrades WebSockets.
+        """
+        port = freePort()
+        server = self.startServer(
+            [*self.databaseArgs()],
+            {
+                "JWT_SECRET": SECRET,
+                "HTTP_API_SECRET": API_SECRET,
+                "WS_PORT": str(port),
+                "HTTP_PORT": str(port),
+            },
+        )
+        await server.ready
+        self.assertEqual(list(server.ports.values()), [port])
+        response = await treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
+        self.assertEqual(response.code, 200)
+        await response.content()
+        client = await connect(f"ws://127.0.0.1:{port}/", mintToken(SECRET, "u9", ttl=600))
+        await client.request("subscribe", channel="listing:1")
+        response = await treq.post(
+            f"http://127.0.0.1:{port}/api/v1/publish",
+            json={"channel": "listing:1", "event": "e", "data": 1},
+            headers=AUTHORIZATION,
+            persistent=False,
+        )
+        self.assertEqual(response.code, 200)
+        await response.content()
+        self.assertEqual((await client.frames.get())["data"], 1)
         await client.close()
         server.signal(signal.SIGTERM)
         self.assertEqual(await server.ended, 0)

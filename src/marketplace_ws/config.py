@@ -473,6 +473,12 @@ def _endpoint(
     return description, source.label
 
 
+def _anyPort(description: str) -> bool:
+    """C{tcp:0}, C{ssl:0:…}: a free port chosen at listen time, different each time."""
+    kind, _, rest = description.partition(":")
+    return kind in ("tcp", "tcp6", "ssl") and rest.partition(":")[0] in ("0", "port=0")
+
+
 def _checkEndpoint(setting: Setting, description: str) -> None:
     """
     Parse an endpoint string now, so a typo stops start-up with the setting's name
@@ -540,6 +546,9 @@ class Config:
     wsSource: str
     httpEndpoint: str
     httpSource: str
+    #: WS_PORT and HTTP_PORT name the same port: one listener serves both (platforms
+    #: with one public port). Port 0 (any free port) is never shared.
+    sharedPort: bool
     databaseURL: DatabaseURL | None
     redisURL: str | None = field(repr=False)
     databaseSchema: str
@@ -775,6 +784,7 @@ def configFromOptions(
         wsSource=wsSource,
         httpEndpoint=httpEndpoint,
         httpSource=httpSource,
+        sharedPort=wsEndpoint == httpEndpoint and not _anyPort(wsEndpoint),
         databaseURL=databaseURL,
         redisURL=_redis(s["redis-url"], text("redis-url")),
         databaseSchema=schema,

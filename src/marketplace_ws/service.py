@@ -42,6 +42,7 @@ from marketplace_ws.http.api import apiResource
 from marketplace_ws.http.health import Health
 from marketplace_ws.http.metrics import MetricsResource
 from marketplace_ws.http.ready import Check, Ready
+from marketplace_ws.http.upgrade import sharePort
 from marketplace_ws.hub import Hub
 from marketplace_ws.live import Live
 from marketplace_ws.metrics import Metrics
@@ -303,8 +304,16 @@ class MarketplaceService(MultiService):
             self.outbox.startService()
         else:
             _log.warn("conformance mode: echoing every message, no authentication")
-        await self._listen("WebSocket", config.wsEndpoint, config.wsSource, self.factory)
-        await self._listen("HTTP", config.httpEndpoint, config.httpSource, self.site())
+        if config.sharedPort:
+            await self._listen(
+                "HTTP+WebSocket",
+                config.httpEndpoint,
+                config.httpSource,
+                sharePort(self.site(), self.factory),
+            )
+        else:
+            await self._listen("WebSocket", config.wsEndpoint, config.wsSource, self.factory)
+            await self._listen("HTTP", config.httpEndpoint, config.httpSource, self.site())
         _log.info("marketplace-ws ready")
         self.ready.callback(None)
 
