@@ -21,8 +21,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.util import encode_truncate
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -35,6 +35,7 @@ from marketplace_ws.envelope import OpError, Request
 from marketplace_ws.hub import Hub
 from marketplace_ws.limits import ConnectionLimits, OpLimiter, Rate, TokenBucket
 from marketplace_ws.live import Live, TooManyConnections
+from marketplace_ws.timers import BucketTimer
 
 SUBPROTOCOL = "marketplace.v1"
 
@@ -133,30 +134,23 @@ def _cookie(headers: dict[str, str], name: str) -> str | None:
     return None
 
 
-class _Call:
-    __slots__ = ("_call",)
+_NO_QUEUE: Any = ()
 
-    def __init__(self, call: IDelayedCall) -> None:
-        self._call = call
-
-    def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
-
-
-class _ReactorTimer:
-    """
-    The timer Autobahn schedules its open-handshake, ping and close-handshake
-    timeouts with, on plain C{reactor.callLater}. txaio's batched timer, the
-    default, truncates every deadline to a whole second (C{int(now + delay)}): a
-    timeout fires up to a second early, and a sub-second one at once.
-    """
-
-    def __init__(self, reactor: IReactorTime) -> None:
-        self._reactor = reactor
-
-    def call_later(self, delay: float, f: Callable[..., Any], *args: Any, **kwargs: Any) -> _Call:
-        return _Call(self._reactor.callLater(delay, f, *args, **kwargs))
+#: Autobahn's record of the opening handshake, read only until onOpen.
+_HANDSHAKE_ATTRIBUTES = (
+    "http_headers",
+    "http_request_params",
+    "http_request_data",
+    "http_response_data",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_host",
+    "http_request_path",
+    "websocket_protocols",
+    "websocket_extensions",
+    "websocket_origin",
+    "_wskey",
+)
 
 
 class _ConnectionLog:
@@ -211,6 +205,10 @@ class ClientProtocol(WebSocketServerProtocol):
     _paused = False
     #: Bytes of push frames written since the transport paused us.
     _backlog = 0
+    #: The socket of a plain TCP transport, written to directly by flush.
+    _socket: Any = None
+    #: Frames queued this reactor turn (None: nothing queued).
+    _pending: list[bytes] | None = None
 
     @property
     def userId(self) -> str:
@@ -278,11 +276,29 @@ class ClientProtocol(WebSocketServerProtocol):
         # Streaming producer: the transport tells us when its send buffer fills up and
         # empties again, which is how a slow consumer is noticed (see deliver).
         self.transport.registerProducer(_Backpressure(self), True)  # type: ignore[union-attr]
+        # Plain TCP only: TLS and other wrappers must see every byte (see flush).
+        if type(self.transport) is tcp.Server:
+            self._socket = self.transport.socket
         self.factory.sockets.add(self)
+        self._forgetHandshake()
         if self.identity is not None:
             self._welcome(self.identity)
         else:
             self._later(self.factory.limits.authTimeout, self._authTimedOut)
+
+    def _forgetHandshake(self) -> None:
+        """
+        Drop what Autobahn kept of the opening handshake (the request and response
+        text, headers, query parameters: about 3 KB, the token included) once it is
+        done: nothing reads them after onOpen, and they are a quarter of what an idle
+        connection costs.
+        """
+        for name in _HANDSHAKE_ATTRIBUTES:
+            setattr(self, name, None)
+        # Autobahn's queue for synchronous and chopped sends, an empty deque (760
+        # bytes) per connection that this server never fills: a shared empty tuple
+        # answers len() the same, and an append would fail loudly, not silently.
+        self.send_queue = _NO_QUEUE
 
     def _authTimedOut(self) -> None:
         if self.identity is None:
@@ -352,17 +368,18 @@ class ClientProtocol(WebSocketServerProtocol):
             return
         remaining = identity.expiresAt - time.time()
         notice = remaining - self.factory.limits.expiryNotice
+        # One timer at a time per connection: the notice, which then sets the expiry.
         self._later(max(0.0, notice), self._expiring, identity.expiresAt)
-        self._later(max(0.0, remaining), self._expired)
 
     def _expiring(self, expiresAt: int) -> None:
         self.send({"type": "token.expiring", "expiresAt": expiresAt})
+        self._later(max(0.0, expiresAt - time.time()), self._expired)
 
     def _expired(self) -> None:
         self.close(CLOSE_AUTH, "token expired")
 
     def _later(self, delay: float, f: Callable[..., Any], *args: Any) -> None:
-        self._timers.append(self.factory.reactor.callLater(delay, f, *args))
+        self._timers.append(self.factory.timer.call_later(delay, f, *args))
 
     def _cancelTimers(self) -> None:
         for call in self._timers:
@@ -398,11 +415,62 @@ class ClientProtocol(WebSocketServerProtocol):
         if prepared is None:
             self.sendMessage(frame, isBinary=False)
         elif self._perMessageCompress is None or prepared.doNotCompress:
-            # The prepared frame as it is: what sendPreparedMessage would do, without
-            # Autobahn's per-call bookkeeping (octet and frame logging are off).
-            self.transport.write(prepared.payloadHybi)  # type: ignore[union-attr]
+            self._write(prepared.payloadHybi)
         else:
             self.sendPreparedMessage(prepared)
+
+    def _write(self, data: bytes) -> None:
+        """
+        Queue a prepared frame (sent as it is: what sendPreparedMessage does, without
+        Autobahn's per-call bookkeeping) for this reactor turn's flush.
+
+        Every frame a connection gets in one turn leaves in one send() at the end of
+        the turn (L{MarketplaceFactory.flush}): Twisted's own write would register the
+        socket with epoll, send on the next turn and unregister it, three system calls
+        and doWrite's Python per connection, for every subscriber of every event.
+        """
+        pending = self._pending
+        if pending is None:
+            self._pending = [data]
+            self.factory.dirty(self)
+        else:
+            pending.append(data)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Everything else this connection writes (replies, pings, close frames) goes
+        # after the frames queued before it: order on the wire is order of sending.
+        if self._pending is not None:
+            self._pending.append(data)
+            return
+        super().sendData(data, sync, chopsize)
+
+    def flush(self) -> None:
+        """
+        Send what was queued this turn: straight to the socket when nothing is queued
+        in the transport before it; what the kernel does not take (its buffer is full:
+        the peer is slow) goes to the transport's queue, behind nothing, so order holds
+        and the producer still pauses us.
+        """
+        pending, self._pending = self._pending, None
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        transport: Any = self.transport
+        if transport is None:
+            return
+        sock = self._socket
+        if sock is not None and not transport.dataBuffer and not transport._tempDataLen:
+            try:
+                sent = sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                # Lost: the transport's own write finds out and closes as usual.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def disconnect(self, reason: str) -> None:
         """Closed by the HTTP API (logout, ban): 4003, not to be retried at once."""
@@ -604,7 +672,8 @@ class MarketplaceFactory(WebSocketServerFactory):
 
             reactor = defaultReactor
         self.reactor = reactor
-        self._batched_timer = _ReactorTimer(reactor)
+        # Autobahn's timeouts and our own, for every connection: see timers.py.
+        self._batched_timer = self.timer = BucketTimer(reactor)
         self.verifier = verifier
         self.limits = limits = limits or ConnectionLimits()
         if live is None:
@@ -619,6 +688,9 @@ class MarketplaceFactory(WebSocketServerFactory):
         self.live = live
         live.hub.prepare = self.prepare
         self.ops: dict[str, Handler] = {**OPS, **live.ops, **(ops or {})}
+        #: Connections with frames queued this turn, and whether the flush is scheduled.
+        self._dirty: list[ClientProtocol] = []
+        self._flushing = False
         #: What the connections count (shared with the L{Live}, read by /metrics).
         self.counters = live.counters
         #: Welcomed connections.
@@ -671,6 +743,23 @@ class MarketplaceFactory(WebSocketServerFactory):
                     max_message_size=self.limits.maxMessageSize,
                 )
         return None
+
+    def dirty(self, connection: ClientProtocol) -> None:
+        """A connection queued a frame: flush it at the end of this reactor turn."""
+        self._dirty.append(connection)
+        if not self._flushing:
+            self._flushing = True
+            self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send every connection's frames of the turn, one send() each."""
+        dirty, self._dirty = self._dirty, []
+        self._flushing = False
+        for connection in dirty:
+            try:
+                connection.flush()
+            except Exception:  # noqa: BLE001 - one broken connection must not stop the rest
+                _log.failure("flushing {connectionId} failed", connectionId=connection.connectionId)
 
     def prepare(self, frame: bytes) -> Any:
         """
