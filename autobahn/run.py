@@ -65,7 +65,15 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": {
         "spec": HERE / "fuzzingclient-full.json",
         # 9.1.6/9.2.6 send 16 MiB in one frame and one message.
-        "flags": ["--max-message-size", str(16 * MIB), "--max-frame-size", str(16 * MIB)],
+        # 12.* and 13.* need permessage-deflate, which is off by default.
+        "flags": [
+            "--max-message-size",
+            str(16 * MIB),
+            "--max-frame-size",
+            str(16 * MIB),
+            "--permessage-deflate",
+            "true",
+        ],
         "sections": {1, 2, 3, 4, 5, 6, 7, 9, 10, 12, 13},
         "timeout": 3600,
     },

@@ -687,12 +687,26 @@ class LimitTests(TestCase):
         code, _ = await client.closed
         self.assertEqual(code, 1009)
 
+    async def test_deflateOffByDefault(self) -> None:
+        """
+        A browser always offers permessage-deflate; by default the server declines it
+        (its zlib state would triple an idle connection's memory) and the connection
+        works uncompressed.
+        """
+        service = await startService(self)
+        factory, client = await welcomed(self, wsURL(service, f"?token={token()}"), deflate=True)
+        assert factory.connection is not None
+        self.assertEqual(factory.connection.websocket_extensions_in_use, [])
+        self.assertTrue((await client.request("ping", pad="x" * 900))["pong"])
+
     async def test_compressedMessageInflatingPastLimit(self) -> None:
         """
         With permessage-deflate the limit applies to the inflated message: a small
         compressed frame that inflates past it closes with 1009 (GHSA-hxp9-w8x3-p566).
         """
-        service = await startService(self, **{"max-message-size": "1024"})
+        service = await startService(
+            self, **{"max-message-size": "1024", "permessage-deflate": "true"}
+        )
         factory, client = await welcomed(self, wsURL(service, f"?token={token()}"), deflate=True)
         assert factory.connection is not None
         self.assertEqual(len(factory.connection.websocket_extensions_in_use), 1)

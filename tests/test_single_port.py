@@ -317,7 +317,9 @@ class WebSocketTests(TestCase):
         The limit holds, for a plain message and for a deflated one that inflates
         past it (so permessage-deflate is negotiated on the shared port too).
         """
-        _, port = await startShared(self, **{"max-message-size": "1024"})
+        _, port = await startShared(
+            self, **{"max-message-size": "1024", "permessage-deflate": "true"}
+        )
         _, client = await welcomed(self, wsURL(port, f"?token={token()}"))
         self.assertTrue((await client.request("ping", pad="x" * 900))["pong"])
         client.sendRaw(json.dumps({"type": "ping", "pad": "x" * 2000}).encode())

@@ -131,7 +131,7 @@ class ConnectionLimits:
     expiryNotice: float = 60.0
     allowedOrigins: tuple[str, ...] = ()
     tokenCookie: str = "mws_token"
-    deflate: bool = True
+    deflate: bool = False
     deflateWindowBits: int = 11
     deflateMemLevel: int = 4
     #: Channels one connection may be subscribed to at once.
