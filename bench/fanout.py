@@ -1,0 +1,746 @@
+"""
+Fan-out benchmark: one channel, C subscribers, events published through the HTTP API.
+
+    tox -e bench -- --connections 5000 --json
+
+Three kinds of process, measured apart: the server (C{twist marketplace-ws}, a real
+subprocess on throw-away ports and a throw-away database schema), the subscribers (one
+or more processes of lean WebSocket clients, one user each, all subscribed to
+C{listing:bench}), and this process, which publishes through C{POST /api/v1/publish}
+and reads everyone's CPU time and memory from C{/proc}.
+
+Each phase publishes for a few seconds (at a fixed rate, then as fast as answers come
+back), waits until every subscriber has every event or delivery stalls, and reports
+publishes/s, deliveries/s, the fraction delivered, publish-to-receive latency, and the
+server's CPU per 1,000 deliveries. One more connection, subscribed to nothing, pings
+the server ten times a second meanwhile: its round trips show how long a fan-out keeps
+every other client of the process waiting. See docs/benchmarks.rst for what each
+figure means.
+Everything runs over 127.0.0.1; the server is stopped with SIGTERM and its schema
+dropped at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from _publisher import PhaseResult, Publisher
+from _server import (
+    ServerFailed,
+    ServerProcess,
+    cleanEnvironment,
+    cpuSeconds,
+    dropSchema,
+    machineBusySeconds,
+    rssBytes,
+)
+from _stats import merge, percentiles
+from _subscribers import Pinger, openPinger, raiseFileLimit, serve
+
+CHANNEL = "listing:bench"
+#: Seconds between the pinger's requests.
+PING_INTERVAL = 0.1
+DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/test"
+#: Open files the server needs besides its WebSocket connections (listeners, database
+#: pool, logs, the HTTP API's connections).
+FILE_MARGIN = 256
+
+
+class BenchFailed(Exception):
+    """The run cannot go on; the message says why."""
+
+
+def parseArguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fanout.py",
+        description="Fan-out benchmark of marketplace-ws: C subscribers of one channel, "
+        "events published through POST /api/v1/publish.",
+    )
+    parser.add_argument(
+        "--connections",
+        "-c",
+        type=int,
+        default=1000,
+        metavar="C",
+        help="subscribers, one user and one connection each (1000)",
+    )
+    parser.add_argument(
+        "--rates",
+        default="10,100,1000",
+        help="fixed publish rates per second, one phase each, comma-separated; "
+        "empty for none (10,100,1000)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="seconds each fixed-rate phase publishes (3)",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds the flat-out phase publishes; 0 skips it (5)",
+    )
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        default=8,
+        metavar="N",
+        help="publish requests in flight at most, one per kept-alive HTTP connection (8)",
+    )
+    parser.add_argument(
+        "--payload-bytes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="padding added to each event's data, in bytes (0: data is "
+        '{"t","n"} only, a frame of about 110 bytes)',
+    )
+    parser.add_argument(
+        "--deflate",
+        action="store_true",
+        help="subscribers offer permessage-deflate as browsers do; the server then "
+        "compresses events of 1 KiB or more per connection (see --payload-bytes)",
+    )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes the subscribers are spread over (1)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop of the subscriber processes; auto takes uvloop when it is "
+        "installed (tox -e bench installs it): less client CPU per frame (auto)",
+    )
+    parser.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=50,
+        metavar="N",
+        help="WebSocket handshakes in progress at once, per client process; "
+        "kept under the listen backlog (50)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="longest wait after a phase for its events to arrive (15)",
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
+        help="PostgreSQL for the server (DATABASE_URL, else "
+        f"{DEFAULT_DATABASE_URL}); a throw-away schema is made and dropped",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for twist marketplace-ws, repeatable "
+        "(--server-arg=--permessage-deflate=false)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON document instead of the table"
+    )
+    arguments = parser.parse_args(argv)
+    try:
+        arguments.rates = [float(r) for r in arguments.rates.split(",") if r.strip()]
+    except ValueError:
+        parser.error(f"--rates: {arguments.rates!r} is not a comma-separated list of numbers")
+    if arguments.connections < 1 or any(r <= 0 for r in arguments.rates):
+        parser.error("--connections and every rate must be positive")
+    if arguments.client_processes < 1 or arguments.in_flight < 1:
+        parser.error("--client-processes and --in-flight must be at least 1")
+    if arguments.loop == "auto":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            arguments.loop = "asyncio"
+        else:
+            arguments.loop = "uvloop"
+    return arguments
+
+
+def say(message: str) -> None:
+    """Progress, on standard error so that --json output stays one document."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "?"
+
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": len(os.sched_getaffinity(0)),
+        # Other work on the machine skews every figure: say how busy it was.
+        "loadAverage": os.getloadavg(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "marketplace-ws": version("marketplace-ws"),
+        "twisted": version("twisted"),
+        "autobahn": version("autobahn"),
+        "revision": revision(),
+    }
+
+
+def revision() -> str:
+    """The checkout's commit, and whether the tree differed from it (figures move with code)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        described = subprocess.run(
+            ["git", "-C", here, "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return described.stdout.strip() or "?"
+
+
+class SubscriberProcess:
+    """One subscriber process and the pipe that drives it."""
+
+    def __init__(self, port: int, tokens: list[str], options: dict[str, Any]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pipe, child = context.Pipe()
+        self.process: BaseProcess = context.Process(
+            target=serve, args=(child, port, CHANNEL, tokens, options), daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.count = len(tokens)
+
+    @property
+    def pid(self) -> int:
+        assert self.process.pid is not None
+        return self.process.pid
+
+    def send(self, *command: Any) -> None:
+        self.pipe.send(command)
+
+    def receive(self, timeout: float) -> Any:
+        try:
+            if self.pipe.poll(timeout):
+                return self.pipe.recv()
+        except (EOFError, OSError):
+            self.process.join(1)
+            raise BenchFailed(
+                f"subscriber process {self.pid} died (exit status {self.process.exitcode}); "
+                "its traceback is above"
+            ) from None
+        raise BenchFailed(f"subscriber process {self.pid} did not answer in {timeout:.0f} s")
+
+    def ask(self, *command: Any, timeout: float = 30.0) -> Any:
+        self.send(*command)
+        return self.receive(timeout)
+
+    async def askSoon(self, *command: Any, timeout: float = 30.0) -> Any:
+        """L{ask}, without blocking the publisher's event loop (and the pinger) meanwhile."""
+        self.send(*command)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.pipe.poll():
+                    break
+            except (EOFError, OSError):
+                break
+            await asyncio.sleep(0.002)
+        return self.receive(0)
+
+    def end(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.ask("stop", 1.0, timeout=10)
+            except BenchFailed:
+                pass
+            self.process.join(5)
+            if self.process.is_alive():
+                self.process.terminate()
+                self.process.join(5)
+        self.pipe.close()
+
+
+def _milliseconds(microseconds: int | None) -> float | None:
+    return None if microseconds is None else microseconds / 1000
+
+
+class Benchmark:
+    def __init__(self, arguments: argparse.Namespace) -> None:
+        self.arguments = arguments
+        self.jwtSecret = secrets.token_urlsafe(48)
+        self.apiSecret = secrets.token_urlsafe(48)
+        self.schema = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
+        self.server: ServerProcess | None = None
+        self.clients: list[SubscriberProcess] = []
+        self.report: dict[str, Any] = {"machine": machine(), "phases": []}
+
+    # Set-up
+
+    def checkFileLimit(self) -> None:
+        needed = self.arguments.connections + FILE_MARGIN
+        # Raised here, before anything is started, so the server inherits it too.
+        soft, hard = raiseFileLimit(needed)
+        self.report["fileLimit"] = {"soft": soft, "hard": hard, "needed": needed}
+        if soft != resource.RLIM_INFINITY and soft < needed:
+            raise SystemExit(
+                f"fanout.py: RLIMIT_NOFILE: the hard limit is {hard} open files, and "
+                f"{self.arguments.connections} connections need about {needed} in the "
+                f"server: raise it (ulimit -Hn, LimitNOFILE= under systemd, --ulimit "
+                f"nofile= under Docker) or pass fewer --connections"
+            )
+
+    def startServer(self, dataDir: str) -> ServerProcess:
+        arguments = self.arguments
+        args = [
+            # Loopback only: nothing of the benchmark is reachable from outside.
+            "--ws-endpoint",
+            "tcp:0:interface=127.0.0.1",
+            "--http-endpoint",
+            "tcp:0:interface=127.0.0.1",
+            "--database-schema",
+            self.schema,
+            "--migrate",
+            "--data-dir",
+            dataDir,
+            *arguments.server_arg,
+        ]
+        env = cleanEnvironment(
+            {
+                # Secrets travel in the environment, not in argv where ps shows them.
+                "DATABASE_URL": arguments.database_url,
+                "JWT_SECRET": self.jwtSecret,
+                "HTTP_API_SECRET": self.apiSecret,
+            }
+        )
+        self.report["settings"] = {
+            "connections": arguments.connections,
+            "rates": arguments.rates,
+            "duration": arguments.duration,
+            "maxSeconds": arguments.max_seconds,
+            "inFlight": arguments.in_flight,
+            "payloadBytes": arguments.payload_bytes,
+            "clientProcesses": arguments.client_processes,
+            "clientLoop": arguments.loop,
+            "deflate": arguments.deflate,
+            "channel": CHANNEL,
+            "serverArgs": arguments.server_arg,
+            "schema": self.schema,
+        }
+        say(f"starting twist marketplace-ws (schema {self.schema})")
+        server = ServerProcess(args, env, cwd=dataDir)
+        self.server = server
+        server.waitReady(60)
+        say(
+            f"server pid {server.pid}: WebSocket port {server.ports['websocket']}, "
+            f"HTTP port {server.ports['http']}"
+        )
+        return server
+
+    def connect(self, server: ServerProcess) -> None:
+        from marketplace_ws.auth import mintToken
+
+        arguments = self.arguments
+        count = arguments.connections
+        # The run ends long before the tokens do, so no token.expiring frame arrives.
+        tokens = [mintToken(self.jwtSecret, f"bench-{i}", ttl=3 * 3600) for i in range(count)]
+        processes = arguments.client_processes
+        options = {
+            "concurrency": arguments.connect_concurrency,
+            "timeout": 30.0,
+            "loop": arguments.loop,
+            "deflate": arguments.deflate,
+        }
+        time.sleep(0.5)
+        rssBefore = rssBytes(server.pid)
+        cpuBefore = cpuSeconds(server.pid)
+        say(f"connecting {count} subscribers from {processes} process(es)")
+        self.clients = [
+            SubscriberProcess(server.ports["websocket"], tokens[i::processes], options)
+            for i in range(processes)
+        ]
+        started = time.monotonic()
+        for client in self.clients:
+            client.send("connect")
+        answers = [c.receive(timeout=60 + count / 20) for c in self.clients]
+        seconds = time.monotonic() - started
+        connected = sum(a["connected"] for a in answers)
+        compressed = sum(a["deflate"] for a in answers)
+        failures: dict[str, int] = {}
+        for answer in answers:
+            for reason, n in answer["failures"].items():
+                failures[reason] = failures.get(reason, 0) + n
+        # Let the server finish what the handshakes left (welcome frames, timers).
+        time.sleep(1.0)
+        rssAfter = rssBytes(server.pid)
+        cpu = cpuSeconds(server.pid) - cpuBefore
+        self.connected = connected
+        self.report["connect"] = {
+            "requested": count,
+            "connected": connected,
+            "deflateNegotiated": compressed,
+            "failures": failures,
+            "seconds": seconds,
+            "perSecond": connected / seconds,
+            "serverCpuSeconds": cpu,
+            "serverCpuMsPerConnection": 1000 * cpu / max(connected, 1),
+            "rssBeforeBytes": rssBefore,
+            "rssAfterBytes": rssAfter,
+            "rssPerConnectionBytes": (rssAfter - rssBefore) / max(connected, 1),
+        }
+        say(
+            f"{connected} subscribed in {seconds:.1f} s"
+            + (f"; failures: {failures}" if failures else "")
+        )
+        if connected == 0:
+            raise BenchFailed("no subscriber could connect: " + json.dumps(failures))
+
+    # Phases
+
+    async def received(self) -> tuple[int, int, int]:
+        """Events received so far this phase, the last one's time (ns), and open connections."""
+        answers = [await c.askSoon("progress") for c in self.clients]
+        return (
+            sum(a[0] for a in answers),
+            max(a[1] for a in answers),
+            sum(a[2] for a in answers),
+        )
+
+    async def drain(self, expected: int) -> bool:
+        """
+        Wait until C{expected} events have arrived, or nothing more arrives for a
+        second (lost or dropped), or the drain timeout: whether all arrived.
+        """
+        deadline = time.monotonic() + self.arguments.drain_timeout
+        last, lastChange = -1, time.monotonic()
+        while True:
+            count, _, _ = await self.received()
+            now = time.monotonic()
+            if count >= expected:
+                return True
+            if count != last:
+                last, lastChange = count, now
+            elif now - lastChange > 1.0 or now > deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def phases(self, server: ServerProcess) -> None:
+        from marketplace_ws.auth import mintToken
+
+        publisher = Publisher(
+            server.ports["http"],
+            self.apiSecret,
+            CHANNEL,
+            self.arguments.payload_bytes,
+            self.arguments.in_flight,
+        )
+        try:
+            ok, detail = await publisher.probe()
+            if not ok:
+                hint = " (this build does not mount the HTTP API)" if "HTTP 404" in detail else ""
+                self.report["skipped"] = f"POST /api/v1/publish did not work{hint}: {detail}"
+                say(self.report["skipped"])
+                return
+            _, _, subscribers = await self.received()
+            if not await self.drain(subscribers):
+                say("warning: the probe event did not reach every subscriber")
+            token = mintToken(self.jwtSecret, "bench-pinger", ttl=3 * 3600)
+            pinger = await openPinger(server.ports["websocket"], token)
+            pinging = asyncio.create_task(self.ping(pinger))
+            plan: list[tuple[str, float | None, float]] = [
+                (f"{rate:g}/s", rate, self.arguments.duration) for rate in self.arguments.rates
+            ]
+            if self.arguments.max_seconds > 0:
+                plan.append(("max", None, self.arguments.max_seconds))
+            for name, rate, seconds in plan:
+                if not server.alive():
+                    raise ServerFailed(server.death())
+                say(f"phase {name}: publishing for {seconds:g} s")
+                self.report["phases"].append(
+                    await self.phase(server, publisher, pinger, name, rate, seconds)
+                )
+            pinging.cancel()
+            pinger.close()
+        finally:
+            publisher.close()
+
+    async def ping(self, pinger: Pinger) -> None:
+        # Ten a second: well under the default rate limit of 20 requests a second.
+        while pinger.transport is not None and not pinger.transport.is_closing():
+            pinger.ping()
+            await asyncio.sleep(PING_INTERVAL)
+
+    async def phase(
+        self,
+        server: ServerProcess,
+        publisher: Publisher,
+        pinger: Pinger,
+        name: str,
+        rate: float | None,
+        seconds: float,
+    ) -> dict[str, Any]:
+        for client in self.clients:
+            await client.askSoon("reset")
+        _, _, subscribers = await self.received()
+        pinger.reset()
+        serverCpu = cpuSeconds(server.pid)
+        clientCpu = [cpuSeconds(c.pid) for c in self.clients]
+        ownCpu = _ownCpu()
+        busy = machineBusySeconds()
+        lines = server.lines
+        startedNs = time.time_ns()
+        result: PhaseResult = await (
+            publisher.fixedRate(rate, seconds) if rate is not None else publisher.flatOut(seconds)
+        )
+        publishedNs = time.time_ns()
+        expected = result.ok * subscribers
+        complete = await self.drain(expected)
+        pings = pinger.summary()
+        drainedNs = time.time_ns()
+        serverCpu = cpuSeconds(server.pid) - serverCpu
+        clientCpu = [cpuSeconds(c.pid) - b for c, b in zip(self.clients, clientCpu, strict=True)]
+        ownCpu = _ownCpu() - ownCpu
+        busy = machineBusySeconds() - busy
+        collected = [await c.askSoon("collect") for c in self.clients]
+        received = sum(c["received"] for c in collected)
+        lastNs = max(c["last"] for c in collected)
+        histogram = merge(c["histogram"] for c in collected)
+        p50, p99 = percentiles(histogram, [0.50, 0.99])
+        rtt50, rtt99 = percentiles(result.histogram, [0.50, 0.99])
+        (ping50,) = percentiles(pings["histogram"], [0.50])
+        # Deliveries are counted from the first publish to the last event received.
+        window = max(lastNs - startedNs, publishedNs - startedNs) / 1e9
+        measured = (drainedNs - startedNs) / 1e9
+        closeCodes: dict[int, int] = {}
+        for c in collected:
+            for code, n in c["closeCodes"].items():
+                closeCodes[code] = closeCodes.get(code, 0) + n
+        return {
+            "phase": name,
+            "targetRate": rate,
+            "publish": result.asDict(),
+            "publishesPerSecond": result.ok / result.seconds,
+            "publishRttMs": {"p50": _milliseconds(rtt50), "p99": _milliseconds(rtt99)},
+            "subscribers": subscribers,
+            "delivered": received,
+            "expected": expected,
+            "deliveredFraction": received / expected if expected else None,
+            "complete": complete,
+            "deliveriesPerSecond": received / window if window > 0 else 0.0,
+            "deliveryWindowSeconds": window,
+            "latencyMs": {
+                "p50": _milliseconds(p50),
+                "p99": _milliseconds(p99),
+                "max": _milliseconds(max(c["maxLatency"] for c in collected)) if received else None,
+            },
+            "pingMs": {
+                "p50": _milliseconds(ping50),
+                "max": _milliseconds(pings["maxRtt"]) if pings["answered"] else None,
+                "answered": pings["answered"],
+                "unanswered": pings["unanswered"],
+            },
+            "serverCpuSeconds": serverCpu,
+            "serverCpuPer1000Deliveries": 1000 * serverCpu / received if received else None,
+            "serverCpuShare": serverCpu / measured,
+            "clientCpuShare": [cpu / measured for cpu in clientCpu],
+            "publisherCpuShare": ownCpu / measured,
+            # CPU the machine spent on anything else meanwhile (other users, the kernel's
+            # own threads): more than a few percent and the figures are noisy.
+            "otherCpuShare": max(0.0, busy - serverCpu - sum(clientCpu) - ownCpu) / measured,
+            "serverLogLines": server.lines - lines,
+            "closedConnections": sum(c["closedInPhase"] for c in collected),
+            "closeCodes": closeCodes,
+            "otherFrames": sum(c["other"] for c in collected),
+        }
+
+    # Tear-down
+
+    def finish(self, dataDir: str) -> None:
+        server = self.server
+        if server is not None:
+            final: dict[str, Any] = {}
+            if server.alive():
+                final["rssEndBytes"] = rssBytes(server.pid)
+                final["cpuSecondsTotal"] = cpuSeconds(server.pid)
+            say("stopping the server (SIGTERM) with its subscribers still connected")
+            status, seconds = server.stop(timeout=30)
+            final.update(
+                {
+                    "exitStatus": status,
+                    "shutdownSeconds": seconds,
+                    "logLines": server.lines,
+                    "logLevels": dict(server.levels),
+                    "problems": list(server.problems),
+                }
+            )
+            self.report["server"] = final
+        for client in self.clients:
+            client.end()
+        try:
+            dropSchema(self.arguments.database_url, self.schema)
+        except Exception as e:  # noqa: BLE001 - reported, never hides the run's own error
+            say(f"could not drop schema {self.schema}: {e}")
+
+    def run(self) -> dict[str, Any]:
+        self.checkFileLimit()
+        with tempfile.TemporaryDirectory(prefix="mws-bench-") as dataDir:
+            try:
+                server = self.startServer(dataDir)
+                self.connect(server)
+                asyncio.run(self.phases(server))
+            finally:
+                self.finish(dataDir)
+        return self.report
+
+
+def _ownCpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+# Output
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    s = report["settings"]
+    lines = [
+        f"marketplace-ws fan-out benchmark, {m['date']}",
+        f"machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, "
+        f"marketplace-ws {m['marketplace-ws']} ({m.get('revision', '?')}), Twisted {m['twisted']}, "
+        f"Autobahn {m['autobahn']}; load average before the run {m['loadAverage'][0]:.2f}; "
+        f"open files limit {report['fileLimit']['soft']}",
+        f"settings: {s['connections']} subscribers of {s['channel']} in "
+        f"{s['clientProcesses']} process(es) ({s['clientLoop']}), phases of {s['duration']:g} s at "
+        f"{', '.join(f'{r:g}' for r in s['rates']) or 'no'} publishes/s"
+        + (f" then flat out for {s['maxSeconds']:g} s" if s["maxSeconds"] > 0 else "")
+        + f", {s['inFlight']} publishes in flight at most, payload padding "
+        f"{s['payloadBytes']} B"
+        + (", permessage-deflate offered" if s["deflate"] else "")
+        + (f", server args {' '.join(s['serverArgs'])}" if s["serverArgs"] else ""),
+    ]
+    c = report.get("connect")
+    if c:
+        lines.append(
+            f"connect: {c['connected']}/{c['requested']} subscribed in {c['seconds']:.1f} s "
+            f"({c['perSecond']:,.0f}/s), server CPU {c['serverCpuMsPerConnection']:.2f} ms per "
+            f"connection; server RSS {c['rssBeforeBytes'] / 2**20:.1f} -> "
+            f"{c['rssAfterBytes'] / 2**20:.1f} MiB = "
+            f"{c['rssPerConnectionBytes'] / 1024:.1f} KiB per connection"
+            + (f"; {c['deflateNegotiated']} with permessage-deflate" if s["deflate"] else "")
+            + (f"; failures {c['failures']}" if c["failures"] else "")
+        )
+    if report.get("skipped"):
+        lines.append(f"phases skipped: {report['skipped']}")
+    phases = report["phases"]
+    if phases:
+        header = (
+            f"{'phase':>7} {'pub/s':>8} {'deliv/s':>10} {'delivered':>9} "
+            f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'CPU s/1k':>9} "
+            f"{'srv CPU':>7} {'sub CPU':>7} {'pub CPU':>7} {'other':>7} "
+            f"{'RTT p50':>8} {'RTT p99':>8} {'ping p50':>8} {'ping max':>8}  notes"
+        )
+        lines += ["", header, "-" * len(header)]
+        for p in phases:
+            notes = []
+            if p["publish"]["errors"]:
+                notes.append(f"errors {p['publish']['errors']}")
+            if not p["complete"]:
+                notes.append("drain incomplete")
+            if p["closedConnections"]:
+                notes.append(f"{p['closedConnections']} closed {p['closeCodes']}")
+            if p["targetRate"] and p["publishesPerSecond"] < 0.95 * p["targetRate"]:
+                notes.append("below target rate")
+            if p["serverCpuShare"] > 0.9:
+                notes.append("server CPU-bound")
+            if max(p["clientCpuShare"]) > 0.9:
+                notes.append("subscribers CPU-bound: figures are the client's")
+            fraction = p["deliveredFraction"]
+            lines.append(
+                f"{p['phase']:>7} {p['publishesPerSecond']:>8,.0f} "
+                f"{p['deliveriesPerSecond']:>10,.0f} "
+                f"{_fmt(None if fraction is None else 100 * fraction, 2) + '%':>9} "
+                f"{_fmt(p['latencyMs']['p50']):>8} {_fmt(p['latencyMs']['p99']):>8} "
+                f"{_fmt(p['latencyMs']['max']):>8} {_fmt(p['serverCpuPer1000Deliveries'], 4):>9} "
+                f"{100 * p['serverCpuShare']:>6.0f}% {100 * sum(p['clientCpuShare']):>6.0f}% "
+                f"{100 * p['publisherCpuShare']:>6.0f}% {100 * p['otherCpuShare']:>6.0f}% "
+                f"{_fmt(p['publishRttMs']['p50'], 2):>8} "
+                f"{_fmt(p['publishRttMs']['p99'], 2):>8} {_fmt(p['pingMs']['p50'], 2):>8} "
+                f"{_fmt(p['pingMs']['max']):>8}  {'; '.join(notes)}"
+            )
+    server = report.get("server")
+    if server:
+        lines += [
+            "",
+            f"server: exit status {server['exitStatus']} after SIGTERM, shutdown took "
+            f"{server['shutdownSeconds']:.2f} s with {c['connected'] if c else 0} connections "
+            f"open; RSS at the end {server.get('rssEndBytes', 0) / 2**20:.1f} MiB; "
+            f"{server['logLines']} log lines {server['logLevels']}",
+        ]
+        lines += [f"  {problem}" for problem in server["problems"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    arguments = parseArguments(argv)
+    # Interrupted or terminated, the bench still stops its server and drops its schema.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    benchmark = Benchmark(arguments)
+    try:
+        report = benchmark.run()
+    except (ServerFailed, BenchFailed) as e:
+        print(f"fanout.py: {e}", file=sys.stderr)
+        return 1
+    if arguments.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(table(report))
+    return 2 if report.get("skipped") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
