@@ -11,6 +11,7 @@ server that looks alive.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -78,6 +79,20 @@ def verifierFor(settings: JWTSettings, reactor: Any) -> TokenVerifier:
         )
     except ValueError as e:
         raise ConfigError("JWT_ALGORITHMS (--jwt-algorithms)", str(e)) from None
+
+
+def tuneGarbageCollector() -> None:
+    """
+    Keep the cyclic garbage collector from stalling the reactor. With thousands of
+    connections the process tracks a million objects, and a full collection under the
+    default thresholds takes 100-200 ms: every client waits, and an event fanned out
+    meanwhile arrives that much later (bench/fanout.py at C=5,000 and 50,000
+    deliveries/s: p99 174.7 ms by default, 71.5 ms with this). Objects alive at
+    start-up (modules, classes) are frozen out of every collection, and collections
+    run after 50,000 allocations instead of 700, full ones rarely.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def brokerFor(config: Config, reactor: Any) -> IBroker:
@@ -269,6 +284,7 @@ class MarketplaceService(MultiService):
     def startService(self) -> None:
         super().startService()
         if self.ownsProcess:
+            tuneGarbageCollector()
             self.reactor.addSystemEventTrigger("after", "shutdown", self._exitStatus)
             if self.tls is not None:
                 self._uninstallSIGHUP = installReloadOnSIGHUP(self.reactor, self.tls.reload)
