@@ -217,6 +217,21 @@ class Hub:
                 self._sendFailed(sub)
         return sent
 
+    def _sendHeld(self, sub: _Subscription) -> None:
+        """
+        Send the live events held back while a subscription recovered, skipping those
+        the history already sent. A send may publish again (and append here) or
+        unsubscribe: hence the index.
+        """
+        held = sub.buffer
+        index = 0
+        while held is not None and index < len(held) and sub.active:
+            seq, frame = held[index]
+            index += 1
+            if seq > sub.last:
+                sub.last = seq
+                self._send(sub, frame, None)
+
     def _hold(self, sub: _Subscription, seq: int, frame: bytes) -> None:
         if sub.buffer is None:
             return
@@ -332,16 +347,7 @@ class Hub:
                 replayed += 1
                 self._send(sub, pushFrame(event), None)
         sub.last = max(sub.last, top)
-        # Events published meanwhile, some of which the history may have held too. A
-        # send may publish again (and append here) or unsubscribe: hence the index.
-        held = sub.buffer
-        index = 0
-        while held is not None and index < len(held) and sub.active:
-            seq, frame = held[index]
-            index += 1
-            if seq > sub.last:
-                sub.last = seq
-                self._send(sub, frame, None)
+        self._sendHeld(sub)
         self._check(sub)
         sub.live = True
         sub.buffer = None
@@ -389,14 +395,7 @@ class Hub:
                     if recovery is not None:
                         sub.last = recovery.seq
                     self._send(sub, resyncFrame(name, sub.last), None)
-                held = sub.buffer
-                index = 0
-                while held is not None and index < len(held) and sub.active:
-                    seq, frame = held[index]
-                    index += 1
-                    if seq > sub.last:
-                        sub.last = seq
-                        self._send(sub, frame, None)
+                self._sendHeld(sub)
                 if sub.active:
                     sub.live = True
                     sub.buffer = None

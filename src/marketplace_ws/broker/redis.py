@@ -499,9 +499,16 @@ async def _handshake(protocol: Any) -> None:
     _ready(protocol)
 
 
-class _CommandProtocol(txredisapi.RedisProtocol):
+class _Handshaking:
+    """
+    Both connections' start: our own AUTH and SELECT (L{_handshake}), and a failure
+    to get ready reported to the factory.
+    """
+
     #: Why the connection could not be made ready, if it was not.
     problem = ""
+    _ready: bool
+    factory: Any
 
     def connectionMade(self) -> None:
         Deferred.fromCoroutine(_handshake(self))
@@ -509,20 +516,15 @@ class _CommandProtocol(txredisapi.RedisProtocol):
     def connectionLost(self, why: Failure) -> None:
         if not self._ready:
             self.factory.failed(self.problem or why.getErrorMessage())
-        super().connectionLost(why)
+        super().connectionLost(why)  # type: ignore[misc]
 
 
-class _SubscriberProtocol(txredisapi.SubscriberProtocol):
-    #: Why the connection could not be made ready, if it was not.
-    problem = ""
+class _CommandProtocol(_Handshaking, txredisapi.RedisProtocol):
+    pass
 
-    def connectionMade(self) -> None:
-        Deferred.fromCoroutine(_handshake(self))
 
-    def connectionLost(self, why: Failure) -> None:
-        if not self._ready:
-            self.factory.failed(self.problem or why.getErrorMessage())
-        super().connectionLost(why)
+class _SubscriberProtocol(_Handshaking, txredisapi.SubscriberProtocol):
+    pass
 
     def messageReceived(self, pattern: Any, channel: str, message: str) -> None:
         self.factory.onMessage(channel, message)
