@@ -200,3 +200,220 @@ def dropSchema(url: str, schema: str) -> None:
         conn.cursor().execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         conn.close()
+
+
+def scrapeMetrics(port: int, timeout: float = 10.0) -> dict[str, float]:
+    """
+    C{GET /metrics} of a server: each sample's value by its name with labels, as the
+    text exposition writes it (C{mws_frames_out_total{type="event"}}). The benchmark
+    starts the server without C{METRICS_TOKEN}, so no bearer token is needed.
+    """
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as answer:
+        text = answer.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            samples[name] = float(value)
+        except ValueError:
+            continue
+    return samples
+
+
+def metricSum(samples: dict[str, float], name: str) -> float:
+    """The sum of a metric's samples over all its labels (0 when it is absent)."""
+    return sum(
+        value
+        for key, value in samples.items()
+        if key == name or (key.startswith(name + "{") and key.endswith("}"))
+    )
+
+
+def freePort() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now (the kernel's pick)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """
+    A private C{redis-server} for one run: 127.0.0.1 only, on a port of its own, no
+    persistence, its files in a throw-away directory. Nothing else talks to it, so no
+    key, counter or pub/sub channel of the run can collide with another's, and its CPU
+    time is the run's.
+    """
+
+    def __init__(self, directory: str, binary: str = "redis-server") -> None:
+        import shutil
+
+        path = shutil.which(binary)
+        if path is None:
+            raise ServerFailed(f"{binary} is not installed: pass --redis-url redis://…")
+        self.port = freePort()
+        self.process = subprocess.Popen(
+            [
+                path,
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--protected-mode", "yes"),
+                *("--dir", directory, "--logfile", os.path.join(directory, "redis.log")),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.pid = self.process.pid
+        self.directory = directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def waitReady(self, timeout: float) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise ServerFailed(
+                    f"redis-server exited with status {self.process.returncode}: " + self._log()
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerFailed(f"redis-server was not ready after {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def _log(self) -> str:
+        try:
+            with open(os.path.join(self.directory, "redis.log")) as f:
+                return f.read()[-2000:]
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _socketInodes(pid: int) -> set[int]:
+    inodes = set()
+    directory = f"/proc/{pid}/fd"
+    for name in os.listdir(directory):
+        try:
+            target = os.readlink(os.path.join(directory, name))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes
+
+
+def connectedPorts(pid: int, remotePort: int) -> list[int]:
+    """
+    The local ports of a process's TCP connections to C{remotePort} (its database
+    connections), from C{/proc/PID/fd} and C{/proc/PID/net/tcp*}.
+    """
+    inodes = _socketInodes(pid)
+    ports = []
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    local, remote, inode = fields[1], fields[2], int(fields[9])
+                    if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == remotePort:
+                        ports.append(int(local.rsplit(":", 1)[1], 16))
+        except OSError:
+            continue
+    return ports
+
+
+def databaseBackends(url: str, pids: Sequence[int]) -> list[int]:
+    """
+    The PostgreSQL backend processes serving these processes' database connections:
+    matched by client port in C{pg_stat_activity}. Their CPU time is the database's
+    share of the work (C{/proc/PID/stat} is readable by anyone on Linux).
+    """
+    import psycopg2
+
+    from marketplace_ws.db import parse_database_url
+
+    parsed = parse_database_url(url)
+    ports: list[int] = []
+    for pid in pids:
+        ports += connectedPorts(pid, parsed.port or 5432)
+    if not ports:
+        return []
+    conn = psycopg2.connect(parsed.dsn(), connect_timeout=5)
+    try:
+        conn.autocommit = True
+        cursor = conn.cursor()
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE client_port = ANY(%s)", (ports,))
+        return [row[0] for row in cursor.fetchall()]
+    finally:
+        conn.close()
+
+
+def processesNamed(name: str) -> list[int]:
+    """Every process whose command name (C{/proc/PID/stat}'s second field) is C{name}."""
+    pids = []
+    wanted = f"({name})".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read(256)
+        except OSError:
+            continue
+        if stat[stat.index(b" ") + 1 :].startswith(wanted):
+            pids.append(int(entry))
+    return pids
+
+
+def cpuSecondsOf(pids: Sequence[int]) -> dict[int, float]:
+    """CPU time of each process still there (a process gone since is left out)."""
+    times = {}
+    for pid in pids:
+        try:
+            times[pid] = cpuSeconds(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+    return times
+
+
+def cpuDelta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two L{cpuSecondsOf}, by the processes in both."""
+    return sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
+
+
+def serverArguments(schema: str, dataDir: str, extra: Sequence[str]) -> list[str]:
+    """C{twist marketplace-ws}'s arguments for a benchmark: loopback, kernel-picked ports."""
+    return [
+        # Loopback only: nothing of the benchmark is reachable from outside.
+        "--ws-endpoint",
+        "tcp:0:interface=127.0.0.1",
+        "--http-endpoint",
+        "tcp:0:interface=127.0.0.1",
+        "--database-schema",
+        schema,
+        "--migrate",
+        "--data-dir",
+        dataDir,
+        *extra,
+    ]

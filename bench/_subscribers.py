@@ -382,8 +382,9 @@ async def openPinger(port: int, token: str, timeout: float = 30.0) -> Pinger:
 class Subscribers:
     """The connections of one process, and how to open them."""
 
-    def __init__(self, port: int, channel: str, deflate: bool) -> None:
-        self.port = port
+    def __init__(self, port: int | list[int], channel: str, deflate: bool) -> None:
+        #: The servers' WebSocket ports: the connections are dealt over them in turn.
+        self.ports = port if isinstance(port, list) else [port]
         self.channel = channel
         self.deflate = deflate
         self.counters = Counters()
@@ -398,14 +399,15 @@ class Subscribers:
             json.dumps({"id": "1", "type": "subscribe", "channel": self.channel}).encode(),
         )
 
-        async def one(token: str) -> None:
-            request, accept = upgradeRequest(self.port, token, self.deflate)
+        async def one(index: int, token: str) -> None:
+            port = self.ports[index % len(self.ports)]
+            request, accept = upgradeRequest(port, token, self.deflate)
             async with gate:
                 opened: asyncio.Future[None] = loop.create_future()
                 protocol = Subscriber(self.counters, request, accept, subscribe, opened)
                 try:
                     await asyncio.wait_for(
-                        loop.create_connection(lambda: protocol, "127.0.0.1", self.port), timeout
+                        loop.create_connection(lambda: protocol, "127.0.0.1", port), timeout
                     )
                     await asyncio.wait_for(opened, timeout)
                 except (OSError, HandshakeFailed, TimeoutError) as e:
@@ -416,7 +418,7 @@ class Subscribers:
                 self.protocols.append(protocol)
 
         started = time.monotonic()
-        await asyncio.gather(*(one(token) for token in tokens))
+        await asyncio.gather(*(one(i, token) for i, token in enumerate(tokens)))
         seconds = time.monotonic() - started
         # Thousands of long-lived protocol objects: keep the cyclic collector from
         # walking them again and again while frames are being timed.
@@ -452,9 +454,16 @@ def raiseFileLimit(wanted: int) -> tuple[int, int]:
 
 
 def serve(
-    pipe: Connection, port: int, channel: str, tokens: list[str], options: dict[str, Any]
+    pipe: Connection,
+    port: int | list[int],
+    channel: str,
+    tokens: list[str],
+    options: dict[str, Any],
 ) -> None:
-    """The subscriber process's main: obey the parent's commands until C{stop}."""
+    """
+    The subscriber process's main: obey the parent's commands until C{stop}. With
+    several ports (several server processes), the connections are dealt over them.
+    """
     raiseFileLimit(len(tokens) + 256)
     if options["loop"] == "uvloop":
         import uvloop

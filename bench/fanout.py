@@ -16,8 +16,15 @@ server's CPU per 1,000 deliveries. One more connection, subscribed to nothing, p
 the server ten times a second meanwhile: its round trips show how long a fan-out keeps
 every other client of the process waiting. See docs/benchmarks.rst for what each
 figure means.
-Everything runs over 127.0.0.1; the server is stopped with SIGTERM and its schema
-dropped at the end, whatever happened.
+
+With C{--processes 2} (or more) the server processes share one Redis (C{--redis-url},
+by default a private C{redis-server} of the run's own on a free port): the subscribers
+are dealt over them in turn, events are published through the first one's API, and
+each phase also reports the Redis round trips per event published, read from every
+process's C{/metrics} before and after it. C{--redis-url} with one process measures
+the Redis broker against the in-memory one.
+Everything runs over 127.0.0.1; the servers (and a private Redis) are stopped with
+SIGTERM and the schema dropped at the end, whatever happened.
 """
 
 from __future__ import annotations
@@ -42,13 +49,17 @@ from typing import Any
 
 from _publisher import PhaseResult, Publisher
 from _server import (
+    RedisServer,
     ServerFailed,
     ServerProcess,
     cleanEnvironment,
     cpuSeconds,
     dropSchema,
     machineBusySeconds,
+    metricSum,
     rssBytes,
+    scrapeMetrics,
+    serverArguments,
 )
 from _stats import merge, percentiles
 from _subscribers import Pinger, openPinger, raiseFileLimit, serve
@@ -151,6 +162,21 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
         help="longest wait after a phase for its events to arrive (15)",
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes sharing one Redis (REDIS_URL); the subscribers are dealt "
+        "over them in turn, events are published through the first one (1)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="REDIS_URL for the server processes: redis://127.0.0.1:6379/N, or 'private' "
+        "to start a redis-server of the run's own on a free port (no persistence); "
+        "unset with one process: the in-memory broker; unset with more: private",
+    )
+    parser.add_argument(
         "--database-url",
         default=os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
         help="PostgreSQL for the server (DATABASE_URL, else "
@@ -174,8 +200,14 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--rates: {arguments.rates!r} is not a comma-separated list of numbers")
     if arguments.connections < 1 or any(r <= 0 for r in arguments.rates):
         parser.error("--connections and every rate must be positive")
-    if arguments.client_processes < 1 or arguments.in_flight < 1:
-        parser.error("--client-processes and --in-flight must be at least 1")
+    if arguments.client_processes < 1 or arguments.in_flight < 1 or arguments.processes < 1:
+        parser.error("--processes, --client-processes and --in-flight must be at least 1")
+    if arguments.processes > 1 and arguments.redis_url is None:
+        arguments.redis_url = "private"
+    if arguments.redis_url not in (None, "private") and not arguments.redis_url.startswith(
+        ("redis://", "rediss://")
+    ):
+        parser.error("--redis-url: redis://host:port/db, rediss://… or private")
     if arguments.loop == "auto":
         try:
             import uvloop  # noqa: F401
@@ -241,11 +273,17 @@ def revision() -> str:
 class SubscriberProcess:
     """One subscriber process and the pipe that drives it."""
 
-    def __init__(self, port: int, tokens: list[str], options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        port: int | list[int],
+        tokens: list[str],
+        options: dict[str, Any],
+        channel: str = CHANNEL,
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self.pipe, child = context.Pipe()
         self.process: BaseProcess = context.Process(
-            target=serve, args=(child, port, CHANNEL, tokens, options), daemon=True
+            target=serve, args=(child, port, channel, tokens, options), daemon=True
         )
         self.process.start()
         child.close()
@@ -311,9 +349,22 @@ class Benchmark:
         self.jwtSecret = secrets.token_urlsafe(48)
         self.apiSecret = secrets.token_urlsafe(48)
         self.schema = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
-        self.server: ServerProcess | None = None
+        self.servers: list[ServerProcess] = []
+        self.redis: RedisServer | None = None
+        # A Redis the run does not own may be shared with others (the key prefix is the
+        # broker's, not a setting): a channel and user ids of the run's own keep their
+        # events, seq counters and presence entries apart from this run's.
+        external = arguments.redis_url not in (None, "private")
+        tag = secrets.token_hex(4)
+        self.channel = f"{CHANNEL}-{tag}" if external else CHANNEL
+        self.userPrefix = f"bench-{tag}-" if external else "bench-"
         self.clients: list[SubscriberProcess] = []
         self.report: dict[str, Any] = {"machine": machine(), "phases": []}
+
+    @property
+    def server(self) -> ServerProcess | None:
+        """The first server process: the one the events are published through."""
+        return self.servers[0] if self.servers else None
 
     # Set-up
 
@@ -330,29 +381,30 @@ class Benchmark:
                 f"nofile= under Docker) or pass fewer --connections"
             )
 
-    def startServer(self, dataDir: str) -> ServerProcess:
+    def startRedis(self, dataDir: str) -> str | None:
+        """The REDIS_URL to give the servers, after starting a private Redis if asked."""
+        url: str | None = self.arguments.redis_url
+        if url != "private":
+            return url
+        directory = os.path.join(dataDir, "redis")
+        os.mkdir(directory)
+        self.redis = RedisServer(directory)
+        self.redis.waitReady(30)
+        say(f"private redis-server pid {self.redis.pid} on 127.0.0.1:{self.redis.port}")
+        return self.redis.url
+
+    def startServers(self, dataDir: str) -> list[ServerProcess]:
         arguments = self.arguments
-        args = [
-            # Loopback only: nothing of the benchmark is reachable from outside.
-            "--ws-endpoint",
-            "tcp:0:interface=127.0.0.1",
-            "--http-endpoint",
-            "tcp:0:interface=127.0.0.1",
-            "--database-schema",
-            self.schema,
-            "--migrate",
-            "--data-dir",
-            dataDir,
-            *arguments.server_arg,
-        ]
-        env = cleanEnvironment(
-            {
-                # Secrets travel in the environment, not in argv where ps shows them.
-                "DATABASE_URL": arguments.database_url,
-                "JWT_SECRET": self.jwtSecret,
-                "HTTP_API_SECRET": self.apiSecret,
-            }
-        )
+        redisURL = self.startRedis(dataDir)
+        settings = {
+            # Secrets travel in the environment, not in argv where ps shows them.
+            "DATABASE_URL": arguments.database_url,
+            "JWT_SECRET": self.jwtSecret,
+            "HTTP_API_SECRET": self.apiSecret,
+        }
+        if redisURL is not None:
+            settings["REDIS_URL"] = redisURL
+        env = cleanEnvironment(settings)
         self.report["settings"] = {
             "connections": arguments.connections,
             "rates": arguments.rates,
@@ -363,27 +415,42 @@ class Benchmark:
             "clientProcesses": arguments.client_processes,
             "clientLoop": arguments.loop,
             "deflate": arguments.deflate,
-            "channel": CHANNEL,
+            "channel": self.channel,
             "serverArgs": arguments.server_arg,
             "schema": self.schema,
+            "processes": arguments.processes,
+            "broker": "memory"
+            if redisURL is None
+            else ("private redis-server" if self.redis is not None else "redis"),
         }
-        say(f"starting twist marketplace-ws (schema {self.schema})")
-        server = ServerProcess(args, env, cwd=dataDir)
-        self.server = server
-        server.waitReady(60)
-        say(
-            f"server pid {server.pid}: WebSocket port {server.ports['websocket']}, "
-            f"HTTP port {server.ports['http']}"
-        )
-        return server
+        # One after the other: the first migrates the schema, the others find it done.
+        for number in range(arguments.processes):
+            directory = os.path.join(dataDir, f"server-{number + 1}")
+            os.mkdir(directory)
+            say(
+                f"starting twist marketplace-ws #{number + 1} (schema {self.schema}, broker "
+                f"{self.report['settings']['broker']})"
+            )
+            server = ServerProcess(
+                serverArguments(self.schema, directory, arguments.server_arg), env, cwd=directory
+            )
+            self.servers.append(server)
+            server.waitReady(60)
+            say(
+                f"server #{number + 1} pid {server.pid}: WebSocket port "
+                f"{server.ports['websocket']}, HTTP port {server.ports['http']}"
+            )
+        return self.servers
 
-    def connect(self, server: ServerProcess) -> None:
+    def connect(self, servers: list[ServerProcess]) -> None:
         from marketplace_ws.auth import mintToken
 
         arguments = self.arguments
         count = arguments.connections
         # The run ends long before the tokens do, so no token.expiring frame arrives.
-        tokens = [mintToken(self.jwtSecret, f"bench-{i}", ttl=3 * 3600) for i in range(count)]
+        tokens = [
+            mintToken(self.jwtSecret, f"{self.userPrefix}{i}", ttl=3 * 3600) for i in range(count)
+        ]
         processes = arguments.client_processes
         options = {
             "concurrency": arguments.connect_concurrency,
@@ -391,12 +458,16 @@ class Benchmark:
             "loop": arguments.loop,
             "deflate": arguments.deflate,
         }
+        ports = [server.ports["websocket"] for server in servers]
         time.sleep(0.5)
-        rssBefore = rssBytes(server.pid)
-        cpuBefore = cpuSeconds(server.pid)
-        say(f"connecting {count} subscribers from {processes} process(es)")
+        rssBefore = sum(rssBytes(server.pid) for server in servers)
+        cpuBefore = sum(cpuSeconds(server.pid) for server in servers)
+        say(
+            f"connecting {count} subscribers from {processes} process(es)"
+            + (f" to {len(servers)} server processes" if len(servers) > 1 else "")
+        )
         self.clients = [
-            SubscriberProcess(server.ports["websocket"], tokens[i::processes], options)
+            SubscriberProcess(ports, tokens[i::processes], options, self.channel)
             for i in range(processes)
         ]
         started = time.monotonic()
@@ -412,8 +483,8 @@ class Benchmark:
                 failures[reason] = failures.get(reason, 0) + n
         # Let the server finish what the handshakes left (welcome frames, timers).
         time.sleep(1.0)
-        rssAfter = rssBytes(server.pid)
-        cpu = cpuSeconds(server.pid) - cpuBefore
+        rssAfter = sum(rssBytes(server.pid) for server in servers)
+        cpu = sum(cpuSeconds(server.pid) for server in servers) - cpuBefore
         self.connected = connected
         self.report["connect"] = {
             "requested": count,
@@ -464,13 +535,14 @@ class Benchmark:
                 return False
             await asyncio.sleep(0.05)
 
-    async def phases(self, server: ServerProcess) -> None:
+    async def phases(self, servers: list[ServerProcess]) -> None:
         from marketplace_ws.auth import mintToken
 
+        server = servers[0]
         publisher = Publisher(
             server.ports["http"],
             self.apiSecret,
-            CHANNEL,
+            self.channel,
             self.arguments.payload_bytes,
             self.arguments.in_flight,
         )
@@ -484,7 +556,7 @@ class Benchmark:
             _, _, subscribers = await self.received()
             if not await self.drain(subscribers):
                 say("warning: the probe event did not reach every subscriber")
-            token = mintToken(self.jwtSecret, "bench-pinger", ttl=3 * 3600)
+            token = mintToken(self.jwtSecret, f"{self.userPrefix}pinger", ttl=3 * 3600)
             pinger = await openPinger(server.ports["websocket"], token)
             pinging = asyncio.create_task(self.ping(pinger))
             plan: list[tuple[str, float | None, float]] = [
@@ -493,11 +565,12 @@ class Benchmark:
             if self.arguments.max_seconds > 0:
                 plan.append(("max", None, self.arguments.max_seconds))
             for name, rate, seconds in plan:
-                if not server.alive():
-                    raise ServerFailed(server.death())
+                for each in servers:
+                    if not each.alive():
+                        raise ServerFailed(each.death())
                 say(f"phase {name}: publishing for {seconds:g} s")
                 self.report["phases"].append(
-                    await self.phase(server, publisher, pinger, name, rate, seconds)
+                    await self.phase(servers, publisher, pinger, name, rate, seconds)
                 )
             pinging.cancel()
             pinger.close()
@@ -510,9 +583,29 @@ class Benchmark:
             pinger.ping()
             await asyncio.sleep(PING_INTERVAL)
 
+    def redisCounters(self, servers: list[ServerProcess]) -> list[dict[str, float]] | None:
+        """Each process's Redis and publish counters, from its /metrics (Redis runs only)."""
+        if self.arguments.redis_url is None:
+            return None
+        counters = []
+        for server in servers:
+            samples = scrapeMetrics(server.ports["http"])
+            counters.append(
+                {
+                    name: metricSum(samples, name)
+                    for name in (
+                        "mws_redis_round_trips_total",
+                        "mws_redis_publish_round_trips_total",
+                        "mws_events_published_total",
+                        "mws_redis_reconnections_total",
+                    )
+                }
+            )
+        return counters
+
     async def phase(
         self,
-        server: ServerProcess,
+        servers: list[ServerProcess],
         publisher: Publisher,
         pinger: Pinger,
         name: str,
@@ -522,12 +615,14 @@ class Benchmark:
         for client in self.clients:
             await client.askSoon("reset")
         _, _, subscribers = await self.received()
+        redisBefore = self.redisCounters(servers)
         pinger.reset()
-        serverCpu = cpuSeconds(server.pid)
+        serverCpus = [cpuSeconds(server.pid) for server in servers]
+        redisStart = cpuSeconds(self.redis.pid) if self.redis is not None else 0.0
         clientCpu = [cpuSeconds(c.pid) for c in self.clients]
         ownCpu = _ownCpu()
         busy = machineBusySeconds()
-        lines = server.lines
+        lines = sum(server.lines for server in servers)
         startedNs = time.time_ns()
         result: PhaseResult = await (
             publisher.fixedRate(rate, seconds) if rate is not None else publisher.flatOut(seconds)
@@ -537,10 +632,13 @@ class Benchmark:
         complete = await self.drain(expected)
         pings = pinger.summary()
         drainedNs = time.time_ns()
-        serverCpu = cpuSeconds(server.pid) - serverCpu
+        serverCpus = [cpuSeconds(s.pid) - b for s, b in zip(servers, serverCpus, strict=True)]
+        serverCpu = sum(serverCpus)
+        redisCpu = cpuSeconds(self.redis.pid) - redisStart if self.redis is not None else None
         clientCpu = [cpuSeconds(c.pid) - b for c, b in zip(self.clients, clientCpu, strict=True)]
         ownCpu = _ownCpu() - ownCpu
         busy = machineBusySeconds() - busy
+        redisAfter = self.redisCounters(servers)
         collected = [await c.askSoon("collect") for c in self.clients]
         received = sum(c["received"] for c in collected)
         lastNs = max(c["last"] for c in collected)
@@ -555,6 +653,32 @@ class Benchmark:
         for c in collected:
             for code, n in c["closeCodes"].items():
                 closeCodes[code] = closeCodes.get(code, 0) + n
+        redis = None
+        if redisBefore is not None and redisAfter is not None:
+            deltas = [
+                {key: after[key] - before[key] for key in after}
+                for before, after in zip(redisBefore, redisAfter, strict=True)
+            ]
+
+            def total(key: str) -> float:
+                return sum(d[key] for d in deltas)
+
+            published = total("mws_events_published_total")
+            redis = {
+                "perProcess": deltas,
+                "published": published,
+                "roundTrips": total("mws_redis_round_trips_total"),
+                "publishRoundTrips": total("mws_redis_publish_round_trips_total"),
+                "roundTripsPerPublish": total("mws_redis_round_trips_total") / published
+                if published
+                else None,
+                "publishRoundTripsPerPublish": total("mws_redis_publish_round_trips_total")
+                / published
+                if published
+                else None,
+                "reconnections": total("mws_redis_reconnections_total"),
+                "cpuShare": None if redisCpu is None else redisCpu / measured,
+            }
         return {
             "phase": name,
             "targetRate": rate,
@@ -582,12 +706,16 @@ class Benchmark:
             "serverCpuSeconds": serverCpu,
             "serverCpuPer1000Deliveries": 1000 * serverCpu / received if received else None,
             "serverCpuShare": serverCpu / measured,
+            # One share per server process (the sum above may exceed one CPU).
+            "serverCpuShares": [cpu / measured for cpu in serverCpus],
             "clientCpuShare": [cpu / measured for cpu in clientCpu],
             "publisherCpuShare": ownCpu / measured,
+            "redis": redis,
             # CPU the machine spent on anything else meanwhile (other users, the kernel's
             # own threads): more than a few percent and the figures are noisy.
-            "otherCpuShare": max(0.0, busy - serverCpu - sum(clientCpu) - ownCpu) / measured,
-            "serverLogLines": server.lines - lines,
+            "otherCpuShare": max(0.0, busy - serverCpu - sum(clientCpu) - ownCpu - (redisCpu or 0))
+            / measured,
+            "serverLogLines": sum(server.lines for server in servers) - lines,
             "closedConnections": sum(c["closedInPhase"] for c in collected),
             "closeCodes": closeCodes,
             "otherFrames": sum(c["other"] for c in collected),
@@ -596,13 +724,13 @@ class Benchmark:
     # Tear-down
 
     def finish(self, dataDir: str) -> None:
-        server = self.server
-        if server is not None:
+        finals = []
+        for number, server in enumerate(self.servers):
             final: dict[str, Any] = {}
             if server.alive():
                 final["rssEndBytes"] = rssBytes(server.pid)
                 final["cpuSecondsTotal"] = cpuSeconds(server.pid)
-            say("stopping the server (SIGTERM) with its subscribers still connected")
+            say(f"stopping server #{number + 1} (SIGTERM) with its subscribers still connected")
             status, seconds = server.stop(timeout=30)
             final.update(
                 {
@@ -613,9 +741,15 @@ class Benchmark:
                     "problems": list(server.problems),
                 }
             )
-            self.report["server"] = final
+            finals.append(final)
+        if finals:
+            self.report["server"] = finals[0]
+            if len(finals) > 1:
+                self.report["servers"] = finals
         for client in self.clients:
             client.end()
+        if self.redis is not None:
+            self.redis.stop()
         try:
             dropSchema(self.arguments.database_url, self.schema)
         except Exception as e:  # noqa: BLE001 - reported, never hides the run's own error
@@ -625,9 +759,9 @@ class Benchmark:
         self.checkFileLimit()
         with tempfile.TemporaryDirectory(prefix="mws-bench-") as dataDir:
             try:
-                server = self.startServer(dataDir)
-                self.connect(server)
-                asyncio.run(self.phases(server))
+                servers = self.startServers(dataDir)
+                self.connect(servers)
+                asyncio.run(self.phases(servers))
             finally:
                 self.finish(dataDir)
         return self.report
@@ -662,6 +796,13 @@ def table(report: dict[str, Any]) -> str:
         f"{s['payloadBytes']} B"
         + (", permessage-deflate offered" if s["deflate"] else "")
         + (f", server args {' '.join(s['serverArgs'])}" if s["serverArgs"] else ""),
+        f"servers: {s.get('processes', 1)} process(es), broker {s.get('broker', 'memory')}"
+        + (
+            "; subscribers dealt over them in turn, events published and the pinger "
+            "connected through the first"
+            if s.get("processes", 1) > 1
+            else ""
+        ),
     ]
     c = report.get("connect")
     if c:
@@ -677,12 +818,15 @@ def table(report: dict[str, Any]) -> str:
     if report.get("skipped"):
         lines.append(f"phases skipped: {report['skipped']}")
     phases = report["phases"]
+    redis = any(p.get("redis") for p in phases)
     if phases:
         header = (
             f"{'phase':>7} {'pub/s':>8} {'deliv/s':>10} {'delivered':>9} "
             f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'CPU s/1k':>9} "
             f"{'srv CPU':>7} {'sub CPU':>7} {'pub CPU':>7} {'other':>7} "
-            f"{'RTT p50':>8} {'RTT p99':>8} {'ping p50':>8} {'ping max':>8}  notes"
+            f"{'RTT p50':>8} {'RTT p99':>8} {'ping p50':>8} {'ping max':>8}"
+            + (f" {'redis':>6} {'RT/pub':>6} {'pRT/pub':>7}" if redis else "")
+            + "  notes"
         )
         lines += ["", header, "-" * len(header)]
         for p in phases:
@@ -695,8 +839,11 @@ def table(report: dict[str, Any]) -> str:
                 notes.append(f"{p['closedConnections']} closed {p['closeCodes']}")
             if p["targetRate"] and p["publishesPerSecond"] < 0.95 * p["targetRate"]:
                 notes.append("below target rate")
-            if p["serverCpuShare"] > 0.9:
+            shares = p.get("serverCpuShares") or [p["serverCpuShare"]]
+            if max(shares) > 0.9:
                 notes.append("server CPU-bound")
+            if len(shares) > 1:
+                notes.append("srv CPU " + " + ".join(f"{100 * x:.0f}%" for x in shares))
             if max(p["clientCpuShare"]) > 0.9:
                 notes.append("subscribers CPU-bound: figures are the client's")
             fraction = p["deliveredFraction"]
@@ -710,7 +857,9 @@ def table(report: dict[str, Any]) -> str:
                 f"{100 * p['publisherCpuShare']:>6.0f}% {100 * p['otherCpuShare']:>6.0f}% "
                 f"{_fmt(p['publishRttMs']['p50'], 2):>8} "
                 f"{_fmt(p['publishRttMs']['p99'], 2):>8} {_fmt(p['pingMs']['p50'], 2):>8} "
-                f"{_fmt(p['pingMs']['max']):>8}  {'; '.join(notes)}"
+                f"{_fmt(p['pingMs']['max']):>8}"
+                + (_redisColumns(p["redis"]) if redis else "")
+                + f"  {'; '.join(notes)}"
             )
     server = report.get("server")
     if server:
@@ -722,7 +871,26 @@ def table(report: dict[str, Any]) -> str:
             f"{server['logLines']} log lines {server['logLevels']}",
         ]
         lines += [f"  {problem}" for problem in server["problems"]]
+        for number, other in enumerate(report.get("servers", [])[1:], start=2):
+            lines.append(
+                f"server #{number}: exit status {other['exitStatus']}, shutdown took "
+                f"{other['shutdownSeconds']:.2f} s; {other['logLines']} log lines "
+                f"{other['logLevels']}"
+            )
+            lines += [f"  {problem}" for problem in other["problems"]]
     return "\n".join(lines)
+
+
+def _redisColumns(redis: dict[str, Any] | None) -> str:
+    """Redis's CPU share, and round trips (all, and publishes') per event published."""
+    if redis is None:
+        return f" {'-':>6} {'-':>6} {'-':>7}"
+    share = redis["cpuShare"]
+    return (
+        f" {'-' if share is None else f'{100 * share:.0f}%':>6} "
+        f"{_fmt(redis['roundTripsPerPublish'], 2):>6} "
+        f"{_fmt(redis['publishRoundTripsPerPublish'], 2):>7}"
+    )
 
 
 def main(argv: list[str]) -> int:
