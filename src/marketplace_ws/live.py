@@ -219,7 +219,7 @@ class Live:
         if timer is not None and timer.active():
             timer.cancel()
         if active:
-            if len(timers) >= connection.factory.limits.maxSubscriptions:
+            if len(timers) >= self.limits.maxSubscriptions:
                 raise OpError(FORBIDDEN, "typing in too many conversations at once")
             timers[channel.id] = self.clock.callLater(
                 self.typingTimeout, self._stopTyping, connection, channel.id

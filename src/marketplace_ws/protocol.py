@@ -37,7 +37,7 @@ from marketplace_ws.envelope import OpError, Request
 from marketplace_ws.hub import Hub
 from marketplace_ws.limits import ConnectionLimits, OpLimiter, Rate, TokenBucket
 from marketplace_ws.live import Live, TooManyConnections
-from marketplace_ws.timers import BucketTimer
+from marketplace_ws.timers import BucketTimer, Call
 
 SUBPROTOCOL = "marketplace.v1"
 
@@ -231,6 +231,9 @@ class ClientProtocol(WebSocketServerProtocol):
     _socket: Any = None
     #: Frames queued this reactor turn (None: nothing queued).
     _pending: list[bytes] | None = None
+    #: The one timeout running for this connection: auth, then the token's expiry
+    #: notice, then its expiry.
+    _timer: Call | None = None
 
     @property
     def userId(self) -> str:
@@ -245,7 +248,6 @@ class ClientProtocol(WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Deferred[str | None]:  # type: ignore[override]
         self.connectionId = uuid.uuid4().hex[:16]
         self.log = _ConnectionLog(self.log, self.connectionId)
-        self._timers: list[Any] = []
         self._garbage = 0
         limits = self.factory.limits
         self._limiter = OpLimiter(limits.rates, self._clock)
@@ -335,7 +337,6 @@ class ClientProtocol(WebSocketServerProtocol):
         factory = self.factory
         self.identity = identity
         factory.connections.add(self)
-        self._cancelTimers()
         self._scheduleExpiry(identity)
         _log.info(
             "connection {connectionId} open for user {userId}",
@@ -382,15 +383,14 @@ class ClientProtocol(WebSocketServerProtocol):
         if identity.userId != self.identity.userId:
             raise OpError(envelope.FORBIDDEN, "token is for another user")
         self.identity = identity
-        self._cancelTimers()
         self._scheduleExpiry(identity)
 
     def _scheduleExpiry(self, identity: Identity) -> None:
+        """The notice before the token expires, which then sets the expiry itself."""
         if identity.expiresAt is None:
+            self._cancelTimer()
             return
-        remaining = identity.expiresAt - time.time()
-        notice = remaining - self.factory.limits.expiryNotice
-        # One timer at a time per connection: the notice, which then sets the expiry.
+        notice = identity.expiresAt - time.time() - self.factory.limits.expiryNotice
         self._later(max(0.0, notice), self._expiring, identity.expiresAt)
 
     def _expiring(self, expiresAt: int) -> None:
@@ -401,13 +401,14 @@ class ClientProtocol(WebSocketServerProtocol):
         self.close(CLOSE_AUTH, "token expired")
 
     def _later(self, delay: float, f: Callable[..., Any], *args: Any) -> None:
-        self._timers.append(self.factory.timer.call_later(delay, f, *args))
+        """Run C{f} after C{delay}, in place of whatever timeout was running."""
+        self._cancelTimer()
+        self._timer = self.factory.timer.call_later(delay, f, *args)
 
-    def _cancelTimers(self) -> None:
-        for call in self._timers:
-            if call.active():
-                call.cancel()
-        self._timers = []
+    def _cancelTimer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # Frames
 
@@ -582,9 +583,7 @@ class ClientProtocol(WebSocketServerProtocol):
         d.addCallbacks(self._welcome, rejected)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        timers = getattr(self, "_timers", None)
-        if timers:
-            self._cancelTimers()
+        self._cancelTimer()
         # Autobahn leaves its close-handshake timer running when the TCP connection
         # goes first (a second protocol error drops it at once): it would hold this
         # closed connection for closeHandshakeTimeout seconds.
@@ -637,7 +636,6 @@ class ConformanceProtocol(ClientProtocol):
 
     def onConnect(self, request: ConnectionRequest) -> None:  # type: ignore[override]
         self.connectionId = uuid.uuid4().hex[:16]
-        self._timers = []
 
     def onOpen(self) -> None:
         self.factory.sockets.add(self)
