@@ -195,11 +195,17 @@ class BadSettingTests(ServerTestMixin, TestCase):
 
     timeout = 60
 
-    async def refused(self, args: list[str], env: dict[str, str] | None = None) -> str:
+    async def refused(
+        self, args: list[str], env: dict[str, str] | None = None, status: int = 78
+    ) -> str:
+        """
+        The one line a refused start printed. C{status}: 78 (EX_CONFIG) for a setting
+        to fix, 69 (EX_UNAVAILABLE) for what a supervisor's restart may cure.
+        """
         server = self.startServer(args, env)
         server.ready.addErrback(lambda _: None)
         code = await server.ended
-        self.assertNotEqual(code, 0)
+        self.assertEqual(code, status)
         lines = [line for line in server.stderr.decode().splitlines() if line.strip()]
         self.assertEqual(len(lines), 1, server.stderr.decode())
         self.assertTrue(lines[0].startswith("marketplace-ws: "), lines[0])
@@ -213,6 +219,7 @@ class BadSettingTests(ServerTestMixin, TestCase):
             line = await self.refused(
                 ["--ws-port", str(port), "--http-port", "0", *self.databaseArgs()],
                 {"JWT_SECRET": SECRET},
+                status=69,
             )
         self.assertIn("WS_PORT", line)
         self.assertIn("in use", line)
@@ -225,6 +232,7 @@ class BadSettingTests(ServerTestMixin, TestCase):
             line = await self.refused(
                 ["--ws-port", "0", *self.databaseArgs()],
                 {"JWT_SECRET": SECRET, "HTTP_PORT": str(port)},
+                status=69,
             )
         self.assertIn("HTTP_PORT", line)
         self.assertIn("in use", line)
@@ -238,6 +246,7 @@ class BadSettingTests(ServerTestMixin, TestCase):
                 "JWT_SECRET": SECRET,
                 "DATABASE_URL": f"postgresql://app:hunter2secret@127.0.0.1:{port}/app",
             },
+            status=69,
         )
         self.assertIn("DATABASE_URL", line)
         self.assertIn(f"127.0.0.1:{port}", line)

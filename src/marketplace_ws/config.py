@@ -49,9 +49,17 @@ _ALGORITHMS = (
 class ConfigError(Exception):
     """
     A setting is missing or wrong. C{str()} is the one line printed at start-up.
+
+    C{transient} marks what a restart may cure without touching the setting: the
+    database or Redis not reachable yet, the port still held by the old process. The
+    process then exits 69 (EX_UNAVAILABLE), which supervisors retry, rather than 78
+    (EX_CONFIG), which the systemd units are told never to restart.
     """
 
-    def __init__(self, setting: Setting | str, problem: str) -> None:
+    transient = False
+
+    def __init__(self, setting: Setting | str, problem: str, *, transient: bool = False) -> None:
+        self.transient = transient
         name = setting.label if isinstance(setting, Setting) else setting
         # One line, whatever the bad value held: a start-up error is read in a log.
         problem = problem.replace("\r", "\\r").replace("\n", "\\n")

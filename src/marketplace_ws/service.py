@@ -56,6 +56,8 @@ _log = Logger()
 
 #: Exit status for a start-up failure caused by configuration (sysexits' EX_CONFIG).
 EX_CONFIG = 78
+#: Exit status for a dependency not there yet (sysexits' EX_UNAVAILABLE): retried.
+EX_UNAVAILABLE = 69
 
 
 def verifierFor(settings: JWTSettings, reactor: Any) -> TokenVerifier:
@@ -315,7 +317,7 @@ class MarketplaceService(MultiService):
             try:
                 await self.broker.start()
             except RedisUnavailable as e:
-                raise ConfigError("REDIS_URL (--redis-url)", e.problem) from None
+                raise ConfigError("REDIS_URL (--redis-url)", e.problem, transient=True) from None
         if self.outbox is not None:
             self.outbox.startService()
         else:
@@ -350,7 +352,7 @@ class MarketplaceService(MultiService):
         try:
             await database.start()
         except DatabaseUnreachable as e:
-            raise ConfigError("DATABASE_URL (--database-url)", str(e)) from None
+            raise ConfigError("DATABASE_URL (--database-url)", str(e), transient=True) from None
         if config.migrate:
             applied = await migrate(database, config.databaseSchema)
             _log.info(
@@ -379,7 +381,9 @@ class MarketplaceService(MultiService):
         except CannotListenError as e:
             problem = e.socketError
             reason = getattr(problem, "strerror", None) or str(problem)
-            raise ConfigError(source, f"cannot listen on {description}: {reason}") from None
+            raise ConfigError(
+                source, f"cannot listen on {description}: {reason}", transient=True
+            ) from None
         self.ports.append(port)
         address = port.getHost()
         _log.info(
@@ -399,7 +403,7 @@ class MarketplaceService(MultiService):
             return  # stopped while starting: not a failure
         if failure.check(ConfigError):
             line = str(failure.value)
-            self.exitCode = EX_CONFIG
+            self.exitCode = EX_UNAVAILABLE if failure.value.transient else EX_CONFIG
         else:
             _log.failure("start-up failed", failure)
             line = f"start-up failed: {failure.getErrorMessage()}"
