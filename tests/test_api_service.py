@@ -138,6 +138,24 @@ class ApiTests(TestCase):
         self.assertEqual((frame["event"], frame["data"]["title"]), ("notification.created", "Paid"))
         await seller.close()
 
+    async def test_unstorableText(self) -> None:
+        """
+        A NUL character (in text or in JSON data) or an unpaired surrogate cannot be
+        stored: 400 bad_request, never a 500.
+        """
+        service = await startService(self)
+        for body in (
+            {"userIds": ["u1"], "type": "t", "title": "a\x00b"},
+            {"userIds": ["u1"], "type": "t", "title": "a\ud800b"},
+            {"userIds": ["u1"], "type": "t", "title": "ok", "data": {"x": "\x00"}},
+        ):
+            code, answer, _ = await call(service, "POST", "/notifications", body)
+            self.assertEqual((code, answer["error"]["code"]), (400, "bad_request"), body)
+        code, _, _ = await call(
+            service, "POST", "/notifications", {"userIds": ["u1"], "type": "t", "title": "ok"}
+        )
+        self.assertEqual(code, 200)
+
     async def test_unauthorised(self) -> None:
         service = await startService(self)
         response = await treq.post(

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import fail
 from twisted.trial.unittest import TestCase
 
 from marketplace_ws.chat import Chat
 from marketplace_ws.client import Client, ServerError
+from marketplace_ws.envelope import UNAVAILABLE, OpError
 from marketplace_ws.notifications import Notifications
 from marketplace_ws.service import MarketplaceService
 from tests.test_live import drained, join, nextFrame
@@ -149,6 +151,22 @@ class SendTests(TestCase):
         self.assertEqual(len((await buyer.request("history", conversationId=key))["messages"]), 0)
         await buyer.close()
         await stranger.close()
+
+    async def test_unstorableText(self) -> None:
+        """
+        JSON lets a client send a NUL character or an unpaired surrogate; PostgreSQL
+        cannot store either: bad_request, not internal, and the connection stays.
+        """
+        service = await startService(self)
+        key = await pair(service)
+        buyer = await join(service, "buyer")
+        for body in ("a\x00b", "a\ud800b"):
+            with self.assertRaises(ServerError) as e:
+                await send(buyer, key, body, "bad-" + str(len(body)))
+            self.assertEqual(e.exception.code, "bad_request")
+            self.assertIn("NUL", e.exception.message)
+        self.assertEqual((await send(buyer, key, "fine", "ok-1"))["duplicate"], False)
+        await buyer.close()
 
     async def test_databaseDown(self) -> None:
         """
@@ -370,5 +388,33 @@ class NotificationTests(TestCase):
             with self.assertRaises(ServerError) as e:
                 await alice.request("notification.read", **params)
             self.assertEqual(e.exception.code, "bad_request")
+        await alice.close()
+        await bob.close()
+
+    async def test_retryPushesWhatFailed(self) -> None:
+        """
+        When a push fails after the rows are stored (Redis down halfway), the call
+        fails; its retry with the same idempotency key pushes what was not pushed,
+        and nothing twice.
+        """
+        service = await startService(self)
+        notifications = notificationsOf(service)
+        alice = await join(service, "alice")
+        bob = await join(service, "bob")
+        publish = service.live.publish
+
+        def failingForBob(channel: Any, *args: Any) -> Any:
+            if str(channel) == "user:bob":
+                return fail(OpError(UNAVAILABLE, "the broker is down"))
+            return publish(channel, *args)
+
+        service.live.publish = failingForBob  # type: ignore[method-assign, assignment]
+        with self.assertRaises(OpError):
+            await notifications.create(["alice", "bob"], "t", "Sold", None, None, "k9")
+        service.live.publish = publish  # type: ignore[method-assign]
+        again = await notifications.create(["alice", "bob"], "t", "Sold", None, None, "k9")
+        self.assertEqual([a["duplicate"] for a in again], [True, True])
+        self.assertEqual([f["event"] for f in await drained(alice)], ["notification.created"])
+        self.assertEqual([f["event"] for f in await drained(bob)], ["notification.created"])
         await alice.close()
         await bob.close()

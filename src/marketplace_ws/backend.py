@@ -72,4 +72,6 @@ class ServerBackend:
     ) -> Deferred[list[dict[str, Any]]]:
         if self.notifications is None:
             return fail(_noDatabase())
-        return self.notifications.create(userIds, type, title, body, data, idempotencyKey)
+        return Deferred.fromCoroutine(
+            self.notifications.create(userIds, type, title, body, data, idempotencyKey)
+        )

@@ -15,7 +15,7 @@ from typing import Any
 
 from attrs import frozen
 
-from marketplace_ws.db import DatabaseUnavailable
+from marketplace_ws.db import DatabaseUnavailable, UnstorableValue
 
 #: Error codes a client may see, with what it should do about each (docs/protocol.rst).
 BAD_REQUEST = "bad_request"
@@ -66,13 +66,16 @@ def explain(error: BaseException) -> OpError | None:
     """
     What a client is told about an exception an op or an API call raised: an
     L{OpError} as it is; a database outage as C{unavailable} (nothing was done, so the
-    same request may be retried later); C{None} for anything else, a bug, which the
+    same request may be retried later); text the database cannot store as
+    C{bad_request}; C{None} for anything else, a bug, which the
     caller logs and answers C{internal}.
     """
     if isinstance(error, OpError):
         return error
     if isinstance(error, DatabaseUnavailable):
         return OpError(UNAVAILABLE, "the database is unavailable; retry shortly")
+    if isinstance(error, UnstorableValue):
+        return OpError(BAD_REQUEST, str(error))
     return None
 
 

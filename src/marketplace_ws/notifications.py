@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import gatherResults
 
 from marketplace_ws import envelope
 from marketplace_ws.channels import Channel
@@ -60,7 +60,7 @@ class Notifications:
     def ops(self) -> dict[str, Handler]:
         return {"notifications": self._list, "notification.read": self._read}
 
-    def create(
+    async def create(
         self,
         userIds: Sequence[str],
         type: str,
@@ -68,58 +68,56 @@ class Notifications:
         body: str | None,
         data: Any,
         idempotencyKey: str | None,
-    ) -> Deferred[list[dict[str, Any]]]:
-        """
-        Store one notification per user and push each new one. Answers, per user in
-        order, C{{"userId", "id", "duplicate"}}.
-        """
-        return Deferred.fromCoroutine(
-            self._create(list(dict.fromkeys(userIds)), type, title, body, data, idempotencyKey)
-        )
-
-    async def _create(
-        self,
-        userIds: list[str],
-        type: str,
-        title: str,
-        body: str | None,
-        data: Any,
-        idempotencyKey: str | None,
     ) -> list[dict[str, Any]]:
+        """
+        Store one notification per user and push it. Answers, per user in order,
+        C{{"userId", "id", "duplicate"}}.
+
+        A retry with the same C{idempotencyKey} stores nothing new but pushes the
+        stored ones again, under the same broker idempotency keys: a push the first
+        call could not make (Redis went down halfway) is made now, and one it made is
+        not repeated.
+        """
+        users = list(dict.fromkeys(userIds))
         payload = json.dumps({} if data is None else data)
 
-        async def work(cursor: Cursor) -> tuple[list[Any], dict[str, int]]:
+        async def work(cursor: Cursor) -> tuple[list[Any], list[Any]]:
             await cursor.execute(
                 "INSERT INTO notifications (user_id, type, title, body, data, idempotency_key)"
                 " SELECT u, %s, %s, %s, %s::jsonb, %s FROM unnest(%s::text[]) AS u"
                 " ON CONFLICT (user_id, idempotency_key) DO NOTHING"
                 f" RETURNING {_COLUMNS}",
-                (type, title, body, payload, idempotencyKey, userIds),
+                (type, title, body, payload, idempotencyKey, users),
             )
             created = list(cursor.fetchall())
-            earlier: dict[str, int] = {}
-            if idempotencyKey is not None and len(created) < len(userIds):
-                # Stored by an earlier call with the same key: answered, not pushed.
+            earlier: list[Any] = []
+            if idempotencyKey is not None and len(created) < len(users):
                 await cursor.execute(
-                    "SELECT user_id, id FROM notifications"
+                    f"SELECT {_COLUMNS} FROM notifications"
                     " WHERE idempotency_key = %s AND user_id = ANY(%s::text[])",
-                    (idempotencyKey, userIds),
+                    (idempotencyKey, users),
                 )
-                earlier = {row[0]: row[1] for row in cursor.fetchall()}
+                earlier = list(cursor.fetchall())
             return created, earlier
 
         created, earlier = await self._db.transaction("notification.create", work)
-        results = {u: {"userId": u, "id": i, "duplicate": True} for u, i in earlier.items()}
+        # Each user's channel is its own: their pushes go out together, not one by one.
+        await gatherResults(
+            [
+                self.live.publish(
+                    Channel("user", row[1]),
+                    "notification.created",
+                    _json(row),
+                    f"notification:{row[0]}",
+                )
+                for row in [*created, *earlier]
+            ],
+            consumeErrors=True,
+        ).addErrback(lambda f: f.value.subFailure.raiseException())
+        results = {row[1]: {"userId": row[1], "id": row[0], "duplicate": True} for row in earlier}
         for row in created:
-            userId = row[1]
-            results[userId] = {"userId": userId, "id": row[0], "duplicate": False}
-            await self.live.publish(
-                Channel("user", userId),
-                "notification.created",
-                _json(row),
-                f"notification:{row[0]}",
-            )
-        return [results[u] for u in userIds if u in results]
+            results[row[1]] = {"userId": row[1], "id": row[0], "duplicate": False}
+        return [results[u] for u in users if u in results]
 
     async def _list(self, connection: ClientProtocol, request: Request) -> dict[str, Any]:
         unreadOnly = envelope.field(request, "unreadOnly", bool, required=False, default=False)

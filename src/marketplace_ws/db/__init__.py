@@ -9,6 +9,7 @@ from .pool import (
     DatabaseUnavailable,
     DatabaseUnreachable,
     Listener,
+    UnstorableValue,
     check_schema_name,
 )
 from .url import DatabaseURL, DatabaseURLError, parse_database_url
@@ -21,6 +22,7 @@ __all__ = [
     "DatabaseUnavailable",
     "DatabaseUnreachable",
     "Listener",
+    "UnstorableValue",
     "check_schema_name",
     "migrate",
     "parse_database_url",

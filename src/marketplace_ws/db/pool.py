@@ -104,6 +104,24 @@ class DatabaseUnavailable(Exception):
     """
 
 
+class UnstorableValue(ValueError):
+    """
+    A parameter PostgreSQL cannot store: text with a NUL character (psycopg2 refuses
+    it) or an unpaired surrogate (not UTF-8), or JSON with \\u0000 (jsonb refuses it).
+    JSON allows all three, so a client can send them: the caller's input is wrong,
+    nothing failed.
+    """
+
+
+def _unstorable(e: Exception) -> bool:
+    if isinstance(e, UnicodeEncodeError):
+        return True
+    if isinstance(e, ValueError) and "NUL" in str(e):
+        return True
+    # 22P05: untranslatable character (jsonb's \u0000).
+    return isinstance(e, psycopg2.DataError) and getattr(e, "pgcode", None) == "22P05"
+
+
 class DatabaseUnreachable(DatabaseUnavailable):
     """
     :meth:`Database.start` could not connect, e.g. ``cannot connect to PostgreSQL at
@@ -590,6 +608,11 @@ class Database:
             except Exception as e:
                 if self._connectionFailed(conn, e):
                     raise self._unavailable() from e
+                if _unstorable(e):
+                    raise UnstorableValue(
+                        "a value holds a NUL character or an unpaired surrogate, which"
+                        " PostgreSQL text cannot store"
+                    ) from e
                 raise
             finally:
                 self._release(conn)
