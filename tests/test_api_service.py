@@ -114,6 +114,18 @@ class ApiTests(TestCase):
             },
         )
         self.assertEqual((again["id"], again["created"]), (key, False))
+        code, twice, _ = await call(
+            service,
+            "POST",
+            "/conversations",
+            {
+                "participants": [
+                    {"userId": "seller", "role": "buyer"},
+                    {"userId": "seller", "role": "seller"},
+                ]
+            },
+        )
+        self.assertEqual((code, twice["error"]["code"]), (400, "bad_request"))
         await seller.request("subscribe", channel=f"conversation:{key}")
         code, posted, _ = await call(
             service, "POST", f"/conversations/{key}/messages", {"body": "Offer accepted"}

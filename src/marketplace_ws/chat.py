@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 
 #: Characters of a message body shown in a C{message.alert}.
 PREVIEW_LENGTH = 140
-#: Page sizes of C{history} and C{conversations}.
-DEFAULT_PAGE = 50
-MAX_PAGE = 100
 MAX_CLIENT_MSG_ID = 128
 
 
@@ -66,6 +63,8 @@ class Chat:
     async def findOrCreate(
         self, listingId: str | None, participants: list[tuple[str, str]]
     ) -> dict[str, Any]:
+        if len({userId for userId, _ in participants}) != len(participants):
+            raise OpError(BAD_REQUEST, "participants must be different users")
         key, created = await self.conversations.findOrCreate(listingId, participants)
         if created:
             self.authoriser.forget(str(key))
@@ -115,7 +114,7 @@ class Chat:
         before = request.params.get("before")
         if before is not None:
             before = databaseKey(before, "message")
-        limit = _limit(request)
+        limit = envelope.pageLimit(request)
         messages = await self.conversations.history(key, connection.userId, before, limit)
         return {
             "messages": [m.asJSON() for m in messages],
@@ -124,7 +123,7 @@ class Chat:
         }
 
     async def _list(self, connection: ClientProtocol, request: Request) -> dict[str, Any]:
-        limit = _limit(request)
+        limit = envelope.pageLimit(request)
         cursor = request.params.get("before")
         before = None
         if cursor is not None:
@@ -192,13 +191,6 @@ class Chat:
 
 def _conversationKey(request: Request) -> int:
     return databaseKey(envelope.field(request, "conversationId", (int, str)))
-
-
-def _limit(request: Request) -> int:
-    limit = envelope.field(request, "limit", int, required=False, default=DEFAULT_PAGE)
-    if not 1 <= limit <= MAX_PAGE:
-        raise OpError(BAD_REQUEST, f"limit must be 1 to {MAX_PAGE}")
-    return int(limit)
 
 
 def _parseCursor(cursor: Any) -> tuple[int, int]:

@@ -165,3 +165,16 @@ def field(
     if not isinstance(value, kind):
         raise OpError(BAD_REQUEST, f"{name} has the wrong type", request.id)
     return value
+
+
+#: Page sizes of the ops that page (history, conversations, notifications).
+DEFAULT_PAGE = 50
+MAX_PAGE = 100
+
+
+def pageLimit(request: Request) -> int:
+    """The C{limit} of a paging op: 1 to L{MAX_PAGE}, L{DEFAULT_PAGE} when left out."""
+    limit = field(request, "limit", int, required=False, default=DEFAULT_PAGE)
+    if not 1 <= limit <= MAX_PAGE:
+        raise OpError(BAD_REQUEST, f"limit must be 1 to {MAX_PAGE}", request.id)
+    return int(limit)

@@ -26,8 +26,6 @@ from marketplace_ws.live import Live
 if TYPE_CHECKING:
     from marketplace_ws.protocol import ClientProtocol, Handler
 
-MAX_PAGE = 100
-DEFAULT_PAGE = 50
 #: Ids one C{notification.read} may mark.
 MAX_READ = 100
 
@@ -121,9 +119,7 @@ class Notifications:
 
     async def _list(self, connection: ClientProtocol, request: Request) -> dict[str, Any]:
         unreadOnly = envelope.field(request, "unreadOnly", bool, required=False, default=False)
-        limit = envelope.field(request, "limit", int, required=False, default=DEFAULT_PAGE)
-        if not 1 <= limit <= MAX_PAGE:
-            raise OpError(BAD_REQUEST, f"limit must be 1 to {MAX_PAGE}")
+        limit = envelope.pageLimit(request)
         before = envelope.field(request, "before", int, required=False, default=2**63 - 1)
         userId = connection.userId
         rows = await self._db.query(
