@@ -454,6 +454,22 @@ class DeliveryTests(HubTestCase):
         self.assertEqual(bob.seqs(), [1])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_gapRecovered(self) -> None:
+        """
+        An event the broker failed to deliver (its link dropped) is noticed at the
+        next one, whose seq jumps: the missed event is replayed from the history
+        first, then the next, each once, in order.
+        """
+        alice = Recorder()
+        self.subscribe(alice)
+        self.publish()
+        self.broker.setDelivery(lambda event: None)
+        self.publish()
+        self.broker.setDelivery(self.hub.deliver)
+        self.publish()
+        self.publish()
+        self.assertEqual(alice.seqs(), [1, 2, 3, 4])
+
     def test_unsubscribedByDelivery(self) -> None:
         """
         A subscriber closed by its own delivery (a slow consumer) leaves the others

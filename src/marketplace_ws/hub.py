@@ -184,11 +184,17 @@ class Hub:
         else:
             seq = event.seq
             sent = 0
+            gapped: list[_Subscription] = []
             for sub in subscriptions:
                 if seq <= sub.last or not sub.active:
                     continue
                 if not sub.live:
                     self._hold(sub, seq, frame)
+                    continue
+                if seq != sub.last + 1:
+                    # Events between were lost on their way here (the broker's link
+                    # dropped): never skip them silently.
+                    gapped.append(sub)
                     continue
                 sub.last = seq
                 sent += 1
@@ -196,6 +202,10 @@ class Hub:
                     sub.send(frame, prepared)
                 except Exception:  # noqa: BLE001 - one broken connection must not stop the rest
                     self._sendFailed(sub)
+            if gapped:
+                self._recoverLive(entry.name, gapped)
+                for sub in gapped:
+                    self._hold(sub, seq, frame)
         if self.delivered is not None:
             self.delivered(event, sent)
 
@@ -361,12 +371,18 @@ class Hub:
         """
         for entry in list(self._channels.values()):
             subs = [s for s in entry.subscriptions.values() if s.active and s.live]
-            if not entry.watched or not subs:
-                continue
-            for sub in subs:
-                sub.live = False
-                sub.buffer = []
-            Deferred.fromCoroutine(self._resync(entry.name, subs))
+            if entry.watched and subs:
+                self._recoverLive(entry.name, subs)
+
+    def _recoverLive(self, name: str, subs: list[_Subscription]) -> None:
+        """
+        Bring live subscriptions that may have missed events up to date from the
+        history, holding live events meanwhile as a recovering subscribe does.
+        """
+        for sub in subs:
+            sub.live = False
+            sub.buffer = []
+        Deferred.fromCoroutine(self._resync(name, subs))
 
     async def _resync(self, name: str, subs: list[_Subscription]) -> None:
         while subs:
@@ -375,6 +391,12 @@ class Hub:
                 recovery = await self.broker.history(name, min(sub.last for sub in subs))
             except Exception:  # noqa: BLE001 - the subscribers are told to reload instead
                 _log.failure("recovering {channel} after an interruption failed", channel=name)
+            # Serialised once for all the subscribers, as live events are.
+            replay = (
+                [(event.seq, pushFrame(event)) for event in recovery.events]
+                if recovery is not None and recovery.recovered
+                else []
+            )
             overrun = []
             for sub in subs:
                 if not sub.active:
@@ -385,10 +407,10 @@ class Hub:
                     overrun.append(sub)
                     continue
                 if recovery is not None and recovery.recovered and sub.last <= recovery.seq:
-                    for event in recovery.events:
-                        if event.seq > sub.last and sub.active:
-                            sub.last = event.seq
-                            self._send(sub, pushFrame(event), None)
+                    for seq, frame in replay:
+                        if seq > sub.last and sub.active:
+                            sub.last = seq
+                            self._send(sub, frame, None)
                 else:
                     # A gap the history cannot fill (or Redis lost the channel's seq):
                     # the client reloads, and continues after seq.
