@@ -364,7 +364,15 @@ class _Connection(txpostgres.Connection):  # type: ignore[misc, unused-ignore]
         # ValueError: the same event, seen a moment later.
         try:
             super().doRead()
-        except (psycopg2.Error, ValueError) as e:
+        except psycopg2.Error as e:
+            return e
+        except ValueError as e:
+            try:
+                lost = self.fileno() == -1
+            except psycopg2.Error:
+                lost = True
+            if not lost:
+                raise  # a bug, not a lost connection
             return e
         return None
 
