@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 from marketplace_ws.auth import mintToken
 from marketplace_ws.channels import Channel, parseChannel
 from marketplace_ws.client import Client, ServerError, connect
+from marketplace_ws.envelope import OpError
 from marketplace_ws.service import MarketplaceService
 from tests.test_service import SECRET, startService, wsURL
 
@@ -176,6 +177,19 @@ class SubscribeTests(TestCase):
         await alice.request("unsubscribe", channel="listing:1")
         await alice.request("subscribe", channel="listing:2")
         await alice.close()
+
+    async def test_eventNameChecked(self) -> None:
+        """
+        Whoever publishes (the API, chat, the outbox), an event's name is 1 to 64
+        characters of letters, digits and _ . : -; anything else is bad_request and
+        nothing is published.
+        """
+        service = await startService(self)
+        for name in ("", "x" * 65, "has space", "new\nline"):
+            with self.assertRaises(OpError) as e:
+                await service.live.publish(LISTING, name, {})
+            self.assertEqual(e.exception.code, "bad_request")
+        self.assertEqual(await publish(service, LISTING, {}, "listing.sold"), 1)
 
     async def test_databaseDown(self) -> None:
         """

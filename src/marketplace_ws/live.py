@@ -20,10 +20,11 @@ C{seq: null}, never kept in the history.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from marketplace_ws.protocol import ClientProtocol, Handler
 
 _log = Logger()
+
+#: What an event's name may be, wherever it is published from (clients switch on it).
+EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 #: Users one C{presence} request may ask about.
 MAX_PRESENCE_USERS = 100
@@ -141,7 +145,17 @@ class Live:
     def publish(
         self, channel: Channel, event: str, data: Any, idempotencyKey: str | None = None
     ) -> Deferred[Published]:
-        """Every publish of this process goes this way: the HTTP API, chat, the outbox."""
+        """
+        Every publish of this process goes this way: the HTTP API, chat, the outbox. So
+        the event's name is checked here, once for all of them.
+        """
+        if EVENT_NAME.fullmatch(event) is None:
+            return fail(
+                OpError(
+                    BAD_REQUEST,
+                    "event must be 1 to 64 characters of letters, digits and _ . : -",
+                )
+            )
         self.counters.published[channel.kind] += 1
         return self.hub.publish(channel, event, data, idempotencyKey)
 

@@ -22,12 +22,13 @@ from marketplace_ws.channels import parseChannel
 from marketplace_ws.envelope import OpError
 from marketplace_ws.http._routes import Call, Route
 from marketplace_ws.http._schema import CHANNEL
+from marketplace_ws.live import EVENT_NAME
 
 #: Events in one batch: enough for a fan-out to a conversation's participants and a
 #: listing's watchers, small enough that one request cannot hold the hub for long.
 MAX_BATCH = 100
 
-EVENT = "^[A-Za-z0-9_.:-]{1,64}$"
+EVENT = f"^{EVENT_NAME.pattern}$"
 
 _event: dict[str, Any] = {
     "type": "object",
