@@ -28,15 +28,18 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from _publisher import paced
 from _stats import bucket
 from _subscribers import (
-    _CLOSE,
     _TEXT,
     Counters,
-    HandshakeFailed,
     Subscriber,
+    closeAll,
+    connectOne,
     frame,
+    obey,
     raiseFileLimit,
+    runLoop,
     upgradeRequest,
 )
 
@@ -88,6 +91,11 @@ def _record(histogram: dict[int, int], microseconds: int) -> None:
 class Chatter(Subscriber):
     """One participant's connection: subscribed to its conversation, sends messages."""
 
+    # Not the subscribers' hot path: a few thousand frames a second at most, each a
+    # reply or an event decoded as JSON (text, reassembled when fragmented, ping, close:
+    # Subscriber._other).
+    stamped = False
+
     def __init__(
         self,
         counters: ChatCounters,
@@ -136,34 +144,6 @@ class Chatter(Subscriber):
             self.chat.error("connection lost", f"{self.userId}: connection lost: {exc}")
             self.answered()
         self.pending.clear()
-
-    def _frames(self, buffer: bytes) -> None:
-        # Not the subscribers' hot path: a few thousand frames a second at most, each a
-        # reply or an event decoded as JSON.
-        position = 0
-        size = len(buffer)
-        while size - position >= 2:
-            first = buffer[position]
-            length = buffer[position + 1] & 0x7F
-            if length < 126:
-                start = position + 2
-            elif length == 126:
-                if size - position < 4:
-                    break
-                length = int.from_bytes(buffer[position + 2 : position + 4], "big")
-                start = position + 4
-            else:
-                if size - position < 10:
-                    break
-                length = int.from_bytes(buffer[position + 2 : position + 10], "big")
-                start = position + 10
-            end = start + length
-            if end > size:
-                break
-            # Text (reassembled when fragmented), ping, close: Subscriber._other.
-            self._other(first & 0x0F, first, buffer[start:end])
-            position = end
-        self.buffer = buffer[position:] if position < size else b""
 
     def _message(self, message: bytes) -> None:
         now = time.time_ns()
@@ -217,11 +197,6 @@ class Chatter(Subscriber):
             counters.error(str(error.get("code", kind)), json.dumps(reply)[:300])
         self.answered()
 
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.closing = True
-            self.transport.write(frame(_CLOSE, (1000).to_bytes(2, "big")))
-
 
 class Chatters:
     """The connections of one process: both users of each of its conversations."""
@@ -253,17 +228,8 @@ class Chatters:
                 protocol = Chatter(
                     self.counters, request, accept, userId, conversationId, ready, self._answered
                 )
-                try:
-                    await asyncio.wait_for(
-                        loop.create_connection(lambda: protocol, "127.0.0.1", self.port), timeout
-                    )
-                    await asyncio.wait_for(ready, timeout)
-                except (OSError, HandshakeFailed, TimeoutError) as e:
-                    failures[f"{type(e).__name__}: {e}"[:200]] += 1
-                    if protocol.transport is not None:
-                        protocol.transport.abort()
-                    return
-                opened[userId] = protocol
+                if await connectOne(protocol, self.port, timeout, failures):
+                    opened[userId] = protocol
 
         started = time.monotonic()
         await asyncio.gather(
@@ -299,17 +265,7 @@ class Chatters:
         self.outstanding = 0
         started = loop.time()
         stop = started + seconds
-        index = 0
-        while True:
-            if rate is not None:
-                due = started + index / rate
-                if due >= stop:
-                    break
-                delay = due - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            elif loop.time() >= stop:
-                break
+        async for _ in paced(rate, started, stop):
             await gate.acquire()
             if loop.time() >= stop:
                 gate.release()
@@ -317,7 +273,6 @@ class Chatters:
             self.number += 1
             self.outstanding += 1
             senders[self.number % count].send(self.number, padding)
-            index += 1
         deadline = loop.time() + wait
         while self.outstanding > 0 and loop.time() < deadline:
             await asyncio.sleep(0.002)
@@ -326,14 +281,7 @@ class Chatters:
         return {"seconds": ended - started, "unanswered": self.outstanding}
 
     async def stop(self, wait: float) -> None:
-        for protocol in self.senders:
-            protocol.close()
-        deadline = time.monotonic() + wait
-        while self.counters.open > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for protocol in self.senders:
-            if protocol.transport is not None:
-                protocol.transport.abort()
+        await closeAll(self.senders, self.counters, wait)
 
 
 def serve(
@@ -345,34 +293,16 @@ def serve(
     """The chatter process's main: obey the parent's commands until C{stop}."""
     raiseFileLimit(2 * len(pairs) + 256)
     chatters = Chatters(port, pairs)
-    if options["loop"] == "uvloop":
-        import uvloop
-
-        uvloop.run(_serve(pipe, chatters, options))
-    else:
-        asyncio.run(_serve(pipe, chatters, options))
+    runLoop(options["loop"], _serve(pipe, chatters, options))
 
 
 async def _serve(pipe: Connection, chatters: Chatters, options: dict[str, Any]) -> None:
-    loop = asyncio.get_running_loop()
-    commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-    loop.add_reader(pipe.fileno(), lambda: commands.put_nowait(pipe.recv()))
     counters = chatters.counters
-    while True:
-        command, *args = await commands.get()
-        if command == "connect":
-            pipe.send(await chatters.connect(options["concurrency"], options["timeout"]))
-        elif command == "reset":
-            counters.reset()
-            pipe.send(True)
-        elif command == "run":
-            pipe.send(await chatters.run(*args))
-        elif command == "progress":
-            pipe.send((counters.received, counters.acked, counters.open))
-        elif command == "collect":
-            pipe.send(counters.summary())
-        elif command == "stop":
-            await chatters.stop(args[0] if args else 2.0)
-            pipe.send(counters.summary())
-            loop.remove_reader(pipe.fileno())
-            return
+
+    async def connect() -> dict[str, Any]:
+        return await chatters.connect(options["concurrency"], options["timeout"])
+
+    async def progress() -> tuple[int, int, int]:
+        return counters.received, counters.acked, counters.open
+
+    await obey(pipe, counters, chatters.stop, connect=connect, run=chatters.run, progress=progress)

@@ -14,9 +14,32 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from _stats import bucket
+
+
+async def paced(rate: float | None, start: float, stop: float) -> AsyncIterator[None]:
+    """
+    Go on at C{start + i / rate} (event loop time) for i = 0, 1, … while that is before
+    C{stop}; with no C{rate} (flat out), at once each time until C{stop}. The caller's
+    work for a turn runs before the next one is due.
+    """
+    loop = asyncio.get_running_loop()
+    index = 0
+    while True:
+        if rate is not None:
+            due = start + index / rate
+            if due >= stop:
+                return
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        elif loop.time() >= stop:
+            return
+        yield
+        index += 1
 
 
 class ResponseError(Exception):
@@ -169,14 +192,7 @@ class Publisher:
         result.started = time.monotonic()
         start = loop.time()
         stop = start + seconds
-        index = 0
-        while True:
-            due = start + index / rate
-            if due >= stop:
-                break
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        async for _ in paced(rate, start, stop):
             connection = await idle.get()
             if loop.time() >= stop:
                 idle.put_nowait(connection)
@@ -184,7 +200,6 @@ class Publisher:
             task = asyncio.create_task(one(connection))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-            index += 1
         if tasks:
             await asyncio.gather(*tasks)
         result.ended = time.monotonic()

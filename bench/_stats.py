@@ -11,7 +11,10 @@ from a subscriber process to the parent through a pipe.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
+from typing import TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 #: Values below 2**BITS keep their exact value; larger ones lose their low bits.
 BITS = 11
@@ -25,8 +28,9 @@ def bucket(value: int) -> int:
     return (value >> shift) << shift
 
 
-def merge(histograms: Iterable[Mapping[int, int]]) -> dict[int, int]:
-    total: dict[int, int] = {}
+def merge(histograms: Iterable[Mapping[K, int]]) -> dict[K, int]:
+    """The counts of every key summed (histograms, or any counts by key)."""
+    total: dict[K, int] = {}
     for histogram in histograms:
         for key, count in histogram.items():
             total[key] = total.get(key, 0) + count

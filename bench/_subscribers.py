@@ -28,6 +28,7 @@ import re
 import resource
 import time
 import zlib
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
@@ -102,6 +103,10 @@ class Counters:
 
 class Subscriber(asyncio.Protocol):
     """One WebSocket connection subscribed to the benchmark's channel."""
+
+    #: Once subscribed, whether a final text frame is timed by its C{"t":} stamp on the
+    #: hot path (L{_frames}) rather than decoded as JSON (L{_other}, then L{_message}).
+    stamped = True
 
     def __init__(
         self,
@@ -205,7 +210,7 @@ class Subscriber(asyncio.Protocol):
             if end > size:
                 break
             opcode = first & 0x0F
-            if opcode == _TEXT and first & 0x80 and self.subscribed:
+            if opcode == _TEXT and first & 0x80 and self.subscribed and self.stamped:
                 if first & 0x40:
                     # RSV1: compressed by permessage-deflate (events of 1 KiB or more).
                     match = search(self._inflate(buffer[start:end]))
@@ -405,17 +410,8 @@ class Subscribers:
             async with gate:
                 opened: asyncio.Future[None] = loop.create_future()
                 protocol = Subscriber(self.counters, request, accept, subscribe, opened)
-                try:
-                    await asyncio.wait_for(
-                        loop.create_connection(lambda: protocol, "127.0.0.1", port), timeout
-                    )
-                    await asyncio.wait_for(opened, timeout)
-                except (OSError, HandshakeFailed, TimeoutError) as e:
-                    failures[f"{type(e).__name__}: {e}"[:200]] += 1
-                    if protocol.transport is not None:
-                        protocol.transport.abort()
-                    return
-                self.protocols.append(protocol)
+                if await connectOne(protocol, port, timeout, failures):
+                    self.protocols.append(protocol)
 
         started = time.monotonic()
         await asyncio.gather(*(one(i, token) for i, token in enumerate(tokens)))
@@ -433,14 +429,38 @@ class Subscribers:
         }
 
     async def stop(self, wait: float) -> None:
-        for protocol in self.protocols:
-            protocol.close()
-        deadline = time.monotonic() + wait
-        while self.counters.open > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for protocol in self.protocols:
-            if protocol.transport is not None:
-                protocol.transport.abort()
+        await closeAll(self.protocols, self.counters, wait)
+
+
+async def connectOne(
+    protocol: Subscriber, port: int, timeout: float, failures: collections.Counter[str]
+) -> bool:
+    """
+    Open C{protocol}'s connection and wait until it has subscribed: whether it did (if
+    not, why is counted in C{failures} and the connection aborted).
+    """
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.create_connection(lambda: protocol, "127.0.0.1", port), timeout)
+        await asyncio.wait_for(protocol.opened, timeout)
+    except (OSError, HandshakeFailed, TimeoutError) as e:
+        failures[f"{type(e).__name__}: {e}"[:200]] += 1
+        if protocol.transport is not None:
+            protocol.transport.abort()
+        return False
+    return True
+
+
+async def closeAll(protocols: Sequence[Subscriber], counters: Counters, wait: float) -> None:
+    """Close every connection cleanly, and abort those still open after C{wait} seconds."""
+    for protocol in protocols:
+        protocol.close()
+    deadline = time.monotonic() + wait
+    while counters.open > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for protocol in protocols:
+        if protocol.transport is not None:
+            protocol.transport.abort()
 
 
 def raiseFileLimit(wanted: int) -> tuple[int, int]:
@@ -465,34 +485,61 @@ def serve(
     several ports (several server processes), the connections are dealt over them.
     """
     raiseFileLimit(len(tokens) + 256)
-    if options["loop"] == "uvloop":
-        import uvloop
-
-        uvloop.run(_serve(pipe, Subscribers(port, channel, options["deflate"]), tokens, options))
-    else:
-        asyncio.run(_serve(pipe, Subscribers(port, channel, options["deflate"]), tokens, options))
+    runLoop(
+        options["loop"],
+        _serve(pipe, Subscribers(port, channel, options["deflate"]), tokens, options),
+    )
 
 
 async def _serve(
     pipe: Connection, subscribers: Subscribers, tokens: list[str], options: dict[str, Any]
 ) -> None:
-    loop = asyncio.get_running_loop()
-    commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-    loop.add_reader(pipe.fileno(), lambda: commands.put_nowait(pipe.recv()))
     counters = subscribers.counters
+
+    async def connect() -> dict[str, Any]:
+        return await subscribers.connect(tokens, options["concurrency"], options["timeout"])
+
+    async def progress() -> tuple[int, int, int]:
+        return counters.received, counters.last, counters.open
+
+    await obey(pipe, counters, subscribers.stop, connect=connect, progress=progress)
+
+
+def runLoop(loop: str, main: Coroutine[Any, Any, None]) -> None:
+    """Run C{main} on a new event loop: uvloop's, or asyncio's."""
+    if loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
+async def obey(
+    pipe: Connection,
+    counters: Counters,
+    stop: Callable[[float], Awaitable[None]],
+    **commands: Callable[..., Awaitable[Any]],
+) -> None:
+    """
+    A client process's loop: answer the parent's commands over C{pipe} until C{stop}.
+    C{reset}, C{collect} and C{stop} are answered from C{counters}; any other command by
+    the function of its name in C{commands}, with the command's arguments.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    loop.add_reader(pipe.fileno(), lambda: queue.put_nowait(pipe.recv()))
     while True:
-        command, *args = await commands.get()
-        if command == "connect":
-            pipe.send(await subscribers.connect(tokens, options["concurrency"], options["timeout"]))
-        elif command == "reset":
+        command, *args = await queue.get()
+        if command == "reset":
             counters.reset()
             pipe.send(True)
-        elif command == "progress":
-            pipe.send((counters.received, counters.last, counters.open))
         elif command == "collect":
             pipe.send(counters.summary())
         elif command == "stop":
-            await subscribers.stop(args[0] if args else 2.0)
+            await stop(args[0] if args else 2.0)
             pipe.send(counters.summary())
             loop.remove_reader(pipe.fileno())
             return
+        elif command in commands:
+            pipe.send(await commands[command](*args))

@@ -28,45 +28,41 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
-import os
-import resource
-import secrets
-import signal
 import sys
-import tempfile
 import time
 from typing import Any
 
 from _chatters import serve
+from _common import (
+    FILE_MARGIN,
+    BaseBenchmark,
+    BenchFailed,
+    ClientProcess,
+    CpuTimes,
+    _fmt,
+    _milliseconds,
+    addClientArguments,
+    addPhaseArguments,
+    addServerArguments,
+    parseCommon,
+    phaseNotes,
+    planText,
+    runMain,
+    say,
+    serverLines,
+    tableHeading,
+)
 from _publisher import Connection, ResponseError
 from _server import (
-    ServerFailed,
     ServerProcess,
-    cleanEnvironment,
     cpuDelta,
     cpuSeconds,
     cpuSecondsOf,
     databaseBackends,
-    dropSchema,
-    machineBusySeconds,
     processesNamed,
     scrapeMetrics,
-    serverArguments,
 )
 from _stats import merge, percentiles
-from _subscribers import raiseFileLimit
-from fanout import (
-    DEFAULT_DATABASE_URL,
-    FILE_MARGIN,
-    BenchFailed,
-    SubscriberProcess,
-    _fmt,
-    _milliseconds,
-    _ownCpu,
-    machine,
-    say,
-)
 
 #: The server's transaction for one message, as named in mws_db_query_seconds.
 SEND_QUERY = 'query="message.send"'
@@ -86,25 +82,8 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
         metavar="N",
         help="conversations, two users and two connections each (100)",
     )
-    parser.add_argument(
-        "--rates",
-        default="100,500,1000,2000",
-        help="fixed total message rates per second, one phase each, comma-separated; "
-        "empty for none (100,500,1000,2000)",
-    )
-    parser.add_argument(
-        "--duration",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="seconds each fixed-rate phase sends (5)",
-    )
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="seconds the flat-out phase sends; 0 skips it (5)",
+    addPhaseArguments(
+        parser, rates="100,500,1000,2000", what="total message", verb="sends", duration=5.0
     )
     parser.add_argument(
         "--warmup",
@@ -129,84 +108,30 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
         metavar="N",
         help="length of each message's body, at least the t=<ns> stamp (64)",
     )
-    parser.add_argument(
-        "--client-processes",
-        type=int,
-        default=1,
-        metavar="N",
-        help="processes the pairs are spread over; both users of a pair share one (1)",
+    addClientArguments(
+        parser,
+        spread="the pairs are spread over; both users of a pair share one",
+        loop="event loop of the chatter processes; auto takes uvloop when installed",
+        concurrency="",
+        drain="its replies and deliveries",
     )
-    parser.add_argument(
-        "--loop",
-        choices=("auto", "asyncio", "uvloop"),
-        default="auto",
-        help="event loop of the chatter processes; auto takes uvloop when installed (auto)",
-    )
-    parser.add_argument(
-        "--connect-concurrency",
-        type=int,
-        default=50,
-        metavar="N",
-        help="WebSocket handshakes in progress at once, per client process (50)",
-    )
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=15.0,
-        metavar="SECONDS",
-        help="longest wait after a phase for its replies and deliveries (15)",
-    )
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
-        help="PostgreSQL for the server (DATABASE_URL, else "
-        f"{DEFAULT_DATABASE_URL}); a throw-away schema is made and dropped",
-    )
-    parser.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for twist marketplace-ws, repeatable "
-        "(--server-arg=--database-pool-size=10)",
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON document instead of the table"
-    )
-    arguments = parser.parse_args(argv)
-    try:
-        arguments.rates = [float(r) for r in arguments.rates.split(",") if r.strip()]
-    except ValueError:
-        parser.error(f"--rates: {arguments.rates!r} is not a comma-separated list of numbers")
+    addServerArguments(parser, "--database-pool-size=10")
+    arguments = parseCommon(parser, argv)
     if arguments.pairs < 1 or any(r <= 0 for r in arguments.rates):
         parser.error("--pairs and every rate must be positive")
     if arguments.client_processes < 1 or arguments.in_flight < 1:
         parser.error("--client-processes and --in-flight must be at least 1")
     arguments.client_processes = min(arguments.client_processes, arguments.pairs)
-    if arguments.loop == "auto":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            arguments.loop = "asyncio"
-        else:
-            arguments.loop = "uvloop"
     return arguments
 
 
-class ChatterProcess(SubscriberProcess):
+class ChatterProcess(ClientProcess):
     """One chatter process (L{_chatters.serve}) and the pipe that drives it."""
 
     def __init__(
         self, port: int, pairs: list[tuple[int, str, str, str, str]], options: dict[str, Any]
     ) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.pipe, child = context.Pipe()
-        self.process = context.Process(
-            target=serve, args=(child, port, pairs, options), daemon=True
-        )
-        self.process.start()
-        child.close()
-        self.count = 2 * len(pairs)
+        super().__init__(serve, (port, pairs, options), 2 * len(pairs))
         self.pairs = len(pairs)
 
 
@@ -257,36 +182,25 @@ def _metric(samples: dict[str, float], name: str, labelled: str) -> float:
     return sum(v for k, v in samples.items() if k.startswith(name + "{") and labelled in k)
 
 
-class ChatBenchmark:
+class ChatBenchmark(BaseBenchmark):
     def __init__(self, arguments: argparse.Namespace) -> None:
-        self.arguments = arguments
-        self.jwtSecret = secrets.token_urlsafe(48)
-        self.apiSecret = secrets.token_urlsafe(48)
-        self.schema = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
-        self.server: ServerProcess | None = None
+        super().__init__(arguments)
         self.clients: list[ChatterProcess] = []
-        self.report: dict[str, Any] = {"machine": machine(), "phases": []}
 
-    def checkFileLimit(self) -> None:
-        needed = 2 * self.arguments.pairs + FILE_MARGIN
-        soft, hard = raiseFileLimit(needed)
-        self.report["fileLimit"] = {"soft": soft, "hard": hard, "needed": needed}
-        if soft != resource.RLIM_INFINITY and soft < needed:
-            raise SystemExit(
-                f"chat.py: RLIMIT_NOFILE: the hard limit is {hard} open files and "
-                f"{self.arguments.pairs} pairs need about {needed}: raise it or pass "
-                "fewer --pairs"
-            )
+    def filesNeeded(self) -> int:
+        pairs: int = self.arguments.pairs
+        return 2 * pairs + FILE_MARGIN
 
-    def startServer(self, dataDir: str) -> ServerProcess:
-        arguments = self.arguments
-        env = cleanEnvironment(
-            {
-                "DATABASE_URL": arguments.database_url,
-                "JWT_SECRET": self.jwtSecret,
-                "HTTP_API_SECRET": self.apiSecret,
-            }
+    def fileLimitProblem(self, hard: int, needed: int) -> str:
+        return (
+            f"chat.py: RLIMIT_NOFILE: the hard limit is {hard} open files and "
+            f"{self.arguments.pairs} pairs need about {needed}: raise it or pass "
+            "fewer --pairs"
         )
+
+    def startServers(self, dataDir: str) -> ServerProcess:
+        arguments = self.arguments
+        env = self.environment()
         self.report["settings"] = {
             "pairs": arguments.pairs,
             "rates": arguments.rates,
@@ -301,16 +215,7 @@ class ChatBenchmark:
             "schema": self.schema,
         }
         say(f"starting twist marketplace-ws (schema {self.schema})")
-        server = ServerProcess(
-            serverArguments(self.schema, dataDir, arguments.server_arg), env, cwd=dataDir
-        )
-        self.server = server
-        server.waitReady(60)
-        say(
-            f"server pid {server.pid}: WebSocket port {server.ports['websocket']}, "
-            f"HTTP port {server.ports['http']}"
-        )
-        return server
+        return self.startServer(dataDir, env)
 
     def connect(self, server: ServerProcess) -> None:
         from marketplace_ws.auth import mintToken
@@ -330,27 +235,14 @@ class ChatBenchmark:
             for i in range(count)
         ]
         processes = arguments.client_processes
-        options = {
-            "concurrency": arguments.connect_concurrency,
-            "timeout": 30.0,
-            "loop": arguments.loop,
-        }
+        options = self.clientOptions()
         say(f"connecting {2 * count} users from {processes} process(es)")
         cpuBefore = cpuSeconds(server.pid)
         self.clients = [
             ChatterProcess(server.ports["websocket"], pairs[i::processes], options)
             for i in range(processes)
         ]
-        started = time.monotonic()
-        for client in self.clients:
-            client.send("connect")
-        answers = [c.receive(timeout=60 + count / 10) for c in self.clients]
-        seconds = time.monotonic() - started
-        connected = sum(a["connected"] for a in answers)
-        failures: dict[str, int] = {}
-        for answer in answers:
-            for reason, n in answer["failures"].items():
-                failures[reason] = failures.get(reason, 0) + n
+        _, seconds, connected, failures = self.connectClients(60 + count / 10)
         time.sleep(0.5)
         self.report["connect"] = {
             "conversations": count,
@@ -394,16 +286,11 @@ class ChatBenchmark:
             time.sleep(0.02)
 
     def phases(self, server: ServerProcess) -> None:
-        arguments = self.arguments
         plan: list[tuple[str, float | None, float]] = []
-        if arguments.warmup > 0:
-            plan.append(("warm-up", 100.0, arguments.warmup))
-        plan += [(f"{rate:g}/s", rate, arguments.duration) for rate in arguments.rates]
-        if arguments.max_seconds > 0:
-            plan.append(("max", None, arguments.max_seconds))
-        for name, rate, seconds in plan:
-            if not server.alive():
-                raise ServerFailed(server.death())
+        if self.arguments.warmup > 0:
+            plan.append(("warm-up", 100.0, self.arguments.warmup))
+        for name, rate, seconds in plan + self.phasePlan():
+            self.checkServers()
             say(f"phase {name}: sending for {seconds:g} s")
             result = self.phase(server, name, rate, seconds)
             if name == "warm-up":
@@ -421,12 +308,11 @@ class ChatBenchmark:
         backends = databaseBackends(arguments.database_url, [server.pid])
         postgres = processesNamed("postgres")
         metrics = scrapeMetrics(server.ports["http"])
-        serverCpu = cpuSeconds(server.pid)
-        clientCpu = [cpuSeconds(c.pid) for c in self.clients]
+        serverPids = [server.pid]
+        clientPids = [c.pid for c in self.clients]
         backendTimes = cpuSecondsOf(backends)
         postgresTimes = cpuSecondsOf(postgres)
-        ownCpu = _ownCpu()
-        busy = machineBusySeconds()
+        cpu = CpuTimes.read(serverPids, clientPids)
         lines = server.lines
         started = time.monotonic()
         wait = arguments.drain_timeout
@@ -443,12 +329,10 @@ class ChatBenchmark:
         runs = [c.receive(timeout=seconds + wait + 30) for c in self.clients]
         complete = self.drain()
         measured = time.monotonic() - started
-        serverCpu = cpuSeconds(server.pid) - serverCpu
-        clientCpu = [cpuSeconds(c.pid) - b for c, b in zip(self.clients, clientCpu, strict=True)]
+        cpu = cpu.since(serverPids, clientPids)
+        (serverCpu,) = cpu.servers
         backendCpu = cpuDelta(backendTimes, cpuSecondsOf(backends))
         postgresCpu = cpuDelta(postgresTimes, cpuSecondsOf(postgres))
-        ownCpu = _ownCpu() - ownCpu
-        busy = machineBusySeconds() - busy
         after = scrapeMetrics(server.ports["http"])
         collected = [c.ask("collect") for c in self.clients]
 
@@ -461,14 +345,6 @@ class ChatBenchmark:
         acks = merge(c["ackHistogram"] for c in collected)
         d50, d99 = percentiles(deliveries, [0.50, 0.99])
         a50, a99 = percentiles(acks, [0.50, 0.99])
-        errors: dict[str, int] = {}
-        for c in collected:
-            for code, n in c["errors"].items():
-                errors[code] = errors.get(code, 0) + n
-        closeCodes: dict[int, int] = {}
-        for c in collected:
-            for code, n in c["closeCodes"].items():
-                closeCodes[code] = closeCodes.get(code, 0) + n
         transactions = _metric(after, "mws_db_query_seconds_count", SEND_QUERY) - _metric(
             metrics, "mws_db_query_seconds_count", SEND_QUERY
         )
@@ -485,7 +361,7 @@ class ChatBenchmark:
             "sent": total("sent"),
             "acked": acked,
             "unanswered": sum(r["unanswered"] for r in runs),
-            "errors": errors,
+            "errors": merge(c["errors"] for c in collected),
             "firstError": next((c["firstError"] for c in collected if c["firstError"]), None),
             "duplicates": total("duplicates"),
             "sendSeconds": window,
@@ -519,65 +395,38 @@ class ChatBenchmark:
             # Every postgres process of the machine: the WAL writer and checkpointer, and
             # other users' backends as well as the server's.
             "postgresAllCpuShare": postgresCpu / measured,
-            "clientCpuShare": [cpu / measured for cpu in clientCpu],
-            "ownCpuShare": ownCpu / measured,
-            "otherCpuShare": max(0.0, busy - serverCpu - sum(clientCpu) - ownCpu - postgresCpu)
-            / measured,
+            "clientCpuShare": [seconds / measured for seconds in cpu.clients],
+            "ownCpuShare": cpu.own / measured,
+            "otherCpuShare": cpu.other(serverCpu, postgresCpu) / measured,
             "measuredSeconds": measured,
             "serverLogLines": server.lines - lines,
             "closedConnections": total("closedInPhase"),
-            "closeCodes": closeCodes,
+            "closeCodes": merge(c["closeCodes"] for c in collected),
             "otherFrames": total("other"),
         }
 
     # Tear-down
 
-    def finish(self) -> None:
-        server = self.server
-        if server is not None:
+    def stopServers(self) -> None:
+        for server in self.servers:
             say("stopping the server (SIGTERM)")
-            status, seconds = server.stop(timeout=30)
-            self.report["server"] = {
-                "exitStatus": status,
-                "shutdownSeconds": seconds,
-                "logLines": server.lines,
-                "logLevels": dict(server.levels),
-                "problems": list(server.problems),
-            }
-        for client in self.clients:
-            client.end()
-        try:
-            dropSchema(self.arguments.database_url, self.schema)
-        except Exception as e:  # noqa: BLE001 - reported, never hides the run's own error
-            say(f"could not drop schema {self.schema}: {e}")
+            self.report["server"] = self.stopServer(server, {})
 
-    def run(self) -> dict[str, Any]:
-        self.checkFileLimit()
-        with tempfile.TemporaryDirectory(prefix="mws-bench-") as dataDir:
-            try:
-                server = self.startServer(dataDir)
-                self.connect(server)
-                self.phases(server)
-            finally:
-                self.finish()
-        return self.report
+    def measure(self, dataDir: str) -> None:
+        server = self.startServers(dataDir)
+        self.connect(server)
+        self.phases(server)
 
 
 # Output
 
 
 def table(report: dict[str, Any]) -> str:
-    m = report["machine"]
     s = report["settings"]
     lines = [
-        f"marketplace-ws chat benchmark, {m['date']}",
-        f"machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, "
-        f"marketplace-ws {m['marketplace-ws']} ({m.get('revision', '?')}), Twisted {m['twisted']}; "
-        f"load average before the run {m['loadAverage'][0]:.2f}",
-        f"settings: {s['pairs']} pairs ({2 * s['pairs']} users) in {s['clientProcesses']} "
-        f"process(es) ({s['clientLoop']}), phases of {s['duration']:g} s at "
-        f"{', '.join(f'{r:g}' for r in s['rates']) or 'no'} messages/s"
-        + (f" then flat out for {s['maxSeconds']:g} s" if s["maxSeconds"] > 0 else "")
+        *tableHeading(report, "chat"),
+        f"settings: {s['pairs']} pairs ({2 * s['pairs']} users) in "
+        + planText(s, "messages")
         + f", {s['inFlight']} messages unacknowledged at most, bodies of {s['bodyBytes']} "
         "characters" + (f", server args {' '.join(s['serverArgs'])}" if s["serverArgs"] else ""),
     ]
@@ -605,12 +454,7 @@ def table(report: dict[str, Any]) -> str:
                 notes.append(f"errors {p['errors']}")
             if p["unanswered"]:
                 notes.append(f"{p['unanswered']} unanswered")
-            if not p["complete"]:
-                notes.append("drain incomplete")
-            if p["closedConnections"]:
-                notes.append(f"{p['closedConnections']} closed {p['closeCodes']}")
-            if p["targetRate"] and p["messagesPerSecond"] < 0.95 * p["targetRate"]:
-                notes.append("below target rate")
+            notes += phaseNotes(p, p["messagesPerSecond"])
             if p["serverCpuShare"] > 0.9:
                 notes.append("server CPU-bound")
             fraction = p["deliveredFraction"]
@@ -630,30 +474,12 @@ def table(report: dict[str, Any]) -> str:
             )
     server = report.get("server")
     if server:
-        lines += [
-            "",
-            f"server: exit status {server['exitStatus']} after SIGTERM, shutdown took "
-            f"{server['shutdownSeconds']:.2f} s; {server['logLines']} log lines "
-            f"{server['logLevels']}",
-        ]
-        lines += [f"  {problem}" for problem in server["problems"]]
+        lines += serverLines(server)
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
-    arguments = parseArguments(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    benchmark = ChatBenchmark(arguments)
-    try:
-        report = benchmark.run()
-    except (ServerFailed, BenchFailed) as e:
-        print(f"chat.py: {e}", file=sys.stderr)
-        return 1
-    if arguments.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(table(report))
-    return 0
+    return runMain("chat.py", ChatBenchmark, parseArguments(argv), table)
 
 
 if __name__ == "__main__":

@@ -31,50 +31,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
-import multiprocessing
 import os
-import platform
-import resource
 import secrets
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from importlib import metadata
-from multiprocessing.process import BaseProcess
 from typing import Any
 
+from _common import (
+    FILE_MARGIN,
+    BaseBenchmark,
+    BenchFailed,
+    ClientProcess,
+    CpuTimes,
+    _fmt,
+    _milliseconds,
+    addClientArguments,
+    addPhaseArguments,
+    addServerArguments,
+    parseCommon,
+    phaseNotes,
+    planText,
+    runMain,
+    say,
+    serverLines,
+    tableHeading,
+)
 from _publisher import PhaseResult, Publisher
 from _server import (
     RedisServer,
-    ServerFailed,
     ServerProcess,
-    cleanEnvironment,
     cpuSeconds,
-    dropSchema,
-    machineBusySeconds,
     metricSum,
     rssBytes,
     scrapeMetrics,
-    serverArguments,
 )
 from _stats import merge, percentiles
-from _subscribers import Pinger, openPinger, raiseFileLimit, serve
+from _subscribers import Pinger, openPinger, serve
 
 CHANNEL = "listing:bench"
 #: Seconds between the pinger's requests.
 PING_INTERVAL = 0.1
-DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/test"
-#: Open files the server needs besides its WebSocket connections (listeners, database
-#: pool, logs, the HTTP API's connections).
-FILE_MARGIN = 256
-
-
-class BenchFailed(Exception):
-    """The run cannot go on; the message says why."""
 
 
 def parseArguments(argv: list[str]) -> argparse.Namespace:
@@ -91,26 +88,7 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
         metavar="C",
         help="subscribers, one user and one connection each (1000)",
     )
-    parser.add_argument(
-        "--rates",
-        default="10,100,1000",
-        help="fixed publish rates per second, one phase each, comma-separated; "
-        "empty for none (10,100,1000)",
-    )
-    parser.add_argument(
-        "--duration",
-        type=float,
-        default=3.0,
-        metavar="SECONDS",
-        help="seconds each fixed-rate phase publishes (3)",
-    )
-    parser.add_argument(
-        "--max-seconds",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="seconds the flat-out phase publishes; 0 skips it (5)",
-    )
+    addPhaseArguments(parser, rates="10,100,1000", what="publish", verb="publishes", duration=3.0)
     parser.add_argument(
         "--in-flight",
         type=int,
@@ -132,34 +110,13 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
         help="subscribers offer permessage-deflate as browsers do; the server then "
         "compresses events of 1 KiB or more per connection (see --payload-bytes)",
     )
-    parser.add_argument(
-        "--client-processes",
-        type=int,
-        default=1,
-        metavar="N",
-        help="processes the subscribers are spread over (1)",
-    )
-    parser.add_argument(
-        "--loop",
-        choices=("auto", "asyncio", "uvloop"),
-        default="auto",
-        help="event loop of the subscriber processes; auto takes uvloop when it is "
-        "installed (tox -e bench installs it): less client CPU per frame (auto)",
-    )
-    parser.add_argument(
-        "--connect-concurrency",
-        type=int,
-        default=50,
-        metavar="N",
-        help="WebSocket handshakes in progress at once, per client process; "
-        "kept under the listen backlog (50)",
-    )
-    parser.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=15.0,
-        metavar="SECONDS",
-        help="longest wait after a phase for its events to arrive (15)",
+    addClientArguments(
+        parser,
+        spread="the subscribers are spread over",
+        loop="event loop of the subscriber processes; auto takes uvloop when it is "
+        "installed (tox -e bench installs it): less client CPU per frame",
+        concurrency="; kept under the listen backlog",
+        drain="its events to arrive",
     )
     parser.add_argument(
         "--processes",
@@ -176,28 +133,8 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
         "to start a redis-server of the run's own on a free port (no persistence); "
         "unset with one process: the in-memory broker; unset with more: private",
     )
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL,
-        help="PostgreSQL for the server (DATABASE_URL, else "
-        f"{DEFAULT_DATABASE_URL}); a throw-away schema is made and dropped",
-    )
-    parser.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra argument for twist marketplace-ws, repeatable "
-        "(--server-arg=--permessage-deflate=false)",
-    )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON document instead of the table"
-    )
-    arguments = parser.parse_args(argv)
-    try:
-        arguments.rates = [float(r) for r in arguments.rates.split(",") if r.strip()]
-    except ValueError:
-        parser.error(f"--rates: {arguments.rates!r} is not a comma-separated list of numbers")
+    addServerArguments(parser, "--permessage-deflate=false")
+    arguments = parseCommon(parser, argv)
     if arguments.connections < 1 or any(r <= 0 for r in arguments.rates):
         parser.error("--connections and every rate must be positive")
     if arguments.client_processes < 1 or arguments.in_flight < 1 or arguments.processes < 1:
@@ -208,69 +145,10 @@ def parseArguments(argv: list[str]) -> argparse.Namespace:
         ("redis://", "rediss://")
     ):
         parser.error("--redis-url: redis://host:port/db, rediss://… or private")
-    if arguments.loop == "auto":
-        try:
-            import uvloop  # noqa: F401
-        except ImportError:
-            arguments.loop = "asyncio"
-        else:
-            arguments.loop = "uvloop"
     return arguments
 
 
-def say(message: str) -> None:
-    """Progress, on standard error so that --json output stays one document."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-
-    def version(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "?"
-
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": len(os.sched_getaffinity(0)),
-        # Other work on the machine skews every figure: say how busy it was.
-        "loadAverage": os.getloadavg(),
-        "cpu": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "marketplace-ws": version("marketplace-ws"),
-        "twisted": version("twisted"),
-        "autobahn": version("autobahn"),
-        "revision": revision(),
-    }
-
-
-def revision() -> str:
-    """The checkout's commit, and whether the tree differed from it (figures move with code)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        described = subprocess.run(
-            ["git", "-C", here, "describe", "--always", "--dirty"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return described.stdout.strip() or "?"
-
-
-class SubscriberProcess:
+class SubscriberProcess(ClientProcess):
     """One subscriber process and the pipe that drives it."""
 
     def __init__(
@@ -280,76 +158,12 @@ class SubscriberProcess:
         options: dict[str, Any],
         channel: str = CHANNEL,
     ) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.pipe, child = context.Pipe()
-        self.process: BaseProcess = context.Process(
-            target=serve, args=(child, port, channel, tokens, options), daemon=True
-        )
-        self.process.start()
-        child.close()
-        self.count = len(tokens)
-
-    @property
-    def pid(self) -> int:
-        assert self.process.pid is not None
-        return self.process.pid
-
-    def send(self, *command: Any) -> None:
-        self.pipe.send(command)
-
-    def receive(self, timeout: float) -> Any:
-        try:
-            if self.pipe.poll(timeout):
-                return self.pipe.recv()
-        except (EOFError, OSError):
-            self.process.join(1)
-            raise BenchFailed(
-                f"subscriber process {self.pid} died (exit status {self.process.exitcode}); "
-                "its traceback is above"
-            ) from None
-        raise BenchFailed(f"subscriber process {self.pid} did not answer in {timeout:.0f} s")
-
-    def ask(self, *command: Any, timeout: float = 30.0) -> Any:
-        self.send(*command)
-        return self.receive(timeout)
-
-    async def askSoon(self, *command: Any, timeout: float = 30.0) -> Any:
-        """L{ask}, without blocking the publisher's event loop (and the pinger) meanwhile."""
-        self.send(*command)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if self.pipe.poll():
-                    break
-            except (EOFError, OSError):
-                break
-            await asyncio.sleep(0.002)
-        return self.receive(0)
-
-    def end(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.ask("stop", 1.0, timeout=10)
-            except BenchFailed:
-                pass
-            self.process.join(5)
-            if self.process.is_alive():
-                self.process.terminate()
-                self.process.join(5)
-        self.pipe.close()
+        super().__init__(serve, (port, channel, tokens, options), len(tokens))
 
 
-def _milliseconds(microseconds: int | None) -> float | None:
-    return None if microseconds is None else microseconds / 1000
-
-
-class Benchmark:
+class Benchmark(BaseBenchmark):
     def __init__(self, arguments: argparse.Namespace) -> None:
-        self.arguments = arguments
-        self.jwtSecret = secrets.token_urlsafe(48)
-        self.apiSecret = secrets.token_urlsafe(48)
-        self.schema = f"bench_{os.getpid()}_{secrets.token_hex(3)}"
-        self.servers: list[ServerProcess] = []
+        super().__init__(arguments)
         self.redis: RedisServer | None = None
         # A Redis the run does not own may be shared with others (the key prefix is the
         # broker's, not a setting): a channel and user ids of the run's own keep their
@@ -359,27 +173,20 @@ class Benchmark:
         self.channel = f"{CHANNEL}-{tag}" if external else CHANNEL
         self.userPrefix = f"bench-{tag}-" if external else "bench-"
         self.clients: list[SubscriberProcess] = []
-        self.report: dict[str, Any] = {"machine": machine(), "phases": []}
-
-    @property
-    def server(self) -> ServerProcess | None:
-        """The first server process: the one the events are published through."""
-        return self.servers[0] if self.servers else None
 
     # Set-up
 
-    def checkFileLimit(self) -> None:
-        needed = self.arguments.connections + FILE_MARGIN
-        # Raised here, before anything is started, so the server inherits it too.
-        soft, hard = raiseFileLimit(needed)
-        self.report["fileLimit"] = {"soft": soft, "hard": hard, "needed": needed}
-        if soft != resource.RLIM_INFINITY and soft < needed:
-            raise SystemExit(
-                f"fanout.py: RLIMIT_NOFILE: the hard limit is {hard} open files, and "
-                f"{self.arguments.connections} connections need about {needed} in the "
-                f"server: raise it (ulimit -Hn, LimitNOFILE= under systemd, --ulimit "
-                f"nofile= under Docker) or pass fewer --connections"
-            )
+    def filesNeeded(self) -> int:
+        connections: int = self.arguments.connections
+        return connections + FILE_MARGIN
+
+    def fileLimitProblem(self, hard: int, needed: int) -> str:
+        return (
+            f"fanout.py: RLIMIT_NOFILE: the hard limit is {hard} open files, and "
+            f"{self.arguments.connections} connections need about {needed} in the "
+            f"server: raise it (ulimit -Hn, LimitNOFILE= under systemd, --ulimit "
+            f"nofile= under Docker) or pass fewer --connections"
+        )
 
     def startRedis(self, dataDir: str) -> str | None:
         """The REDIS_URL to give the servers, after starting a private Redis if asked."""
@@ -396,15 +203,7 @@ class Benchmark:
     def startServers(self, dataDir: str) -> list[ServerProcess]:
         arguments = self.arguments
         redisURL = self.startRedis(dataDir)
-        settings = {
-            # Secrets travel in the environment, not in argv where ps shows them.
-            "DATABASE_URL": arguments.database_url,
-            "JWT_SECRET": self.jwtSecret,
-            "HTTP_API_SECRET": self.apiSecret,
-        }
-        if redisURL is not None:
-            settings["REDIS_URL"] = redisURL
-        env = cleanEnvironment(settings)
+        env = self.environment() if redisURL is None else self.environment(REDIS_URL=redisURL)
         self.report["settings"] = {
             "connections": arguments.connections,
             "rates": arguments.rates,
@@ -431,15 +230,7 @@ class Benchmark:
                 f"starting twist marketplace-ws #{number + 1} (schema {self.schema}, broker "
                 f"{self.report['settings']['broker']})"
             )
-            server = ServerProcess(
-                serverArguments(self.schema, directory, arguments.server_arg), env, cwd=directory
-            )
-            self.servers.append(server)
-            server.waitReady(60)
-            say(
-                f"server #{number + 1} pid {server.pid}: WebSocket port "
-                f"{server.ports['websocket']}, HTTP port {server.ports['http']}"
-            )
+            self.startServer(directory, env, f" #{number + 1}")
         return self.servers
 
     def connect(self, servers: list[ServerProcess]) -> None:
@@ -452,12 +243,7 @@ class Benchmark:
             mintToken(self.jwtSecret, f"{self.userPrefix}{i}", ttl=3 * 3600) for i in range(count)
         ]
         processes = arguments.client_processes
-        options = {
-            "concurrency": arguments.connect_concurrency,
-            "timeout": 30.0,
-            "loop": arguments.loop,
-            "deflate": arguments.deflate,
-        }
+        options = self.clientOptions(deflate=arguments.deflate)
         ports = [server.ports["websocket"] for server in servers]
         time.sleep(0.5)
         rssBefore = sum(rssBytes(server.pid) for server in servers)
@@ -470,17 +256,8 @@ class Benchmark:
             SubscriberProcess(ports, tokens[i::processes], options, self.channel)
             for i in range(processes)
         ]
-        started = time.monotonic()
-        for client in self.clients:
-            client.send("connect")
-        answers = [c.receive(timeout=60 + count / 20) for c in self.clients]
-        seconds = time.monotonic() - started
-        connected = sum(a["connected"] for a in answers)
+        answers, seconds, connected, failures = self.connectClients(60 + count / 20)
         compressed = sum(a["deflate"] for a in answers)
-        failures: dict[str, int] = {}
-        for answer in answers:
-            for reason, n in answer["failures"].items():
-                failures[reason] = failures.get(reason, 0) + n
         # Let the server finish what the handshakes left (welcome frames, timers).
         time.sleep(1.0)
         rssAfter = sum(rssBytes(server.pid) for server in servers)
@@ -559,15 +336,8 @@ class Benchmark:
             token = mintToken(self.jwtSecret, f"{self.userPrefix}pinger", ttl=3 * 3600)
             pinger = await openPinger(server.ports["websocket"], token)
             pinging = asyncio.create_task(self.ping(pinger))
-            plan: list[tuple[str, float | None, float]] = [
-                (f"{rate:g}/s", rate, self.arguments.duration) for rate in self.arguments.rates
-            ]
-            if self.arguments.max_seconds > 0:
-                plan.append(("max", None, self.arguments.max_seconds))
-            for name, rate, seconds in plan:
-                for each in servers:
-                    if not each.alive():
-                        raise ServerFailed(each.death())
+            for name, rate, seconds in self.phasePlan():
+                self.checkServers()
                 say(f"phase {name}: publishing for {seconds:g} s")
                 self.report["phases"].append(
                     await self.phase(servers, publisher, pinger, name, rate, seconds)
@@ -617,11 +387,10 @@ class Benchmark:
         _, _, subscribers = await self.received()
         redisBefore = self.redisCounters(servers)
         pinger.reset()
-        serverCpus = [cpuSeconds(server.pid) for server in servers]
+        serverPids = [server.pid for server in servers]
+        clientPids = [c.pid for c in self.clients]
         redisStart = cpuSeconds(self.redis.pid) if self.redis is not None else 0.0
-        clientCpu = [cpuSeconds(c.pid) for c in self.clients]
-        ownCpu = _ownCpu()
-        busy = machineBusySeconds()
+        cpu = CpuTimes.read(serverPids, clientPids)
         lines = sum(server.lines for server in servers)
         startedNs = time.time_ns()
         result: PhaseResult = await (
@@ -632,12 +401,9 @@ class Benchmark:
         complete = await self.drain(expected)
         pings = pinger.summary()
         drainedNs = time.time_ns()
-        serverCpus = [cpuSeconds(s.pid) - b for s, b in zip(servers, serverCpus, strict=True)]
-        serverCpu = sum(serverCpus)
+        cpu = cpu.since(serverPids, clientPids)
+        serverCpu = sum(cpu.servers)
         redisCpu = cpuSeconds(self.redis.pid) - redisStart if self.redis is not None else None
-        clientCpu = [cpuSeconds(c.pid) - b for c, b in zip(self.clients, clientCpu, strict=True)]
-        ownCpu = _ownCpu() - ownCpu
-        busy = machineBusySeconds() - busy
         redisAfter = self.redisCounters(servers)
         collected = [await c.askSoon("collect") for c in self.clients]
         received = sum(c["received"] for c in collected)
@@ -649,10 +415,6 @@ class Benchmark:
         # Deliveries are counted from the first publish to the last event received.
         window = max(lastNs - startedNs, publishedNs - startedNs) / 1e9
         measured = (drainedNs - startedNs) / 1e9
-        closeCodes: dict[int, int] = {}
-        for c in collected:
-            for code, n in c["closeCodes"].items():
-                closeCodes[code] = closeCodes.get(code, 0) + n
         redis = None
         if redisBefore is not None and redisAfter is not None:
             deltas = [
@@ -707,23 +469,22 @@ class Benchmark:
             "serverCpuPer1000Deliveries": 1000 * serverCpu / received if received else None,
             "serverCpuShare": serverCpu / measured,
             # One share per server process (the sum above may exceed one CPU).
-            "serverCpuShares": [cpu / measured for cpu in serverCpus],
-            "clientCpuShare": [cpu / measured for cpu in clientCpu],
-            "publisherCpuShare": ownCpu / measured,
+            "serverCpuShares": [seconds / measured for seconds in cpu.servers],
+            "clientCpuShare": [seconds / measured for seconds in cpu.clients],
+            "publisherCpuShare": cpu.own / measured,
             "redis": redis,
             # CPU the machine spent on anything else meanwhile (other users, the kernel's
             # own threads): more than a few percent and the figures are noisy.
-            "otherCpuShare": max(0.0, busy - serverCpu - sum(clientCpu) - ownCpu - (redisCpu or 0))
-            / measured,
+            "otherCpuShare": cpu.other(serverCpu, redisCpu or 0) / measured,
             "serverLogLines": sum(server.lines for server in servers) - lines,
             "closedConnections": sum(c["closedInPhase"] for c in collected),
-            "closeCodes": closeCodes,
+            "closeCodes": merge(c["closeCodes"] for c in collected),
             "otherFrames": sum(c["other"] for c in collected),
         }
 
     # Tear-down
 
-    def finish(self, dataDir: str) -> None:
+    def stopServers(self) -> None:
         finals = []
         for number, server in enumerate(self.servers):
             final: dict[str, Any] = {}
@@ -731,67 +492,37 @@ class Benchmark:
                 final["rssEndBytes"] = rssBytes(server.pid)
                 final["cpuSecondsTotal"] = cpuSeconds(server.pid)
             say(f"stopping server #{number + 1} (SIGTERM) with its subscribers still connected")
-            status, seconds = server.stop(timeout=30)
-            final.update(
-                {
-                    "exitStatus": status,
-                    "shutdownSeconds": seconds,
-                    "logLines": server.lines,
-                    "logLevels": dict(server.levels),
-                    "problems": list(server.problems),
-                }
-            )
-            finals.append(final)
+            finals.append(self.stopServer(server, final))
         if finals:
             self.report["server"] = finals[0]
             if len(finals) > 1:
                 self.report["servers"] = finals
-        for client in self.clients:
-            client.end()
+
+    def stopOthers(self) -> None:
         if self.redis is not None:
             self.redis.stop()
-        try:
-            dropSchema(self.arguments.database_url, self.schema)
-        except Exception as e:  # noqa: BLE001 - reported, never hides the run's own error
-            say(f"could not drop schema {self.schema}: {e}")
 
-    def run(self) -> dict[str, Any]:
-        self.checkFileLimit()
-        with tempfile.TemporaryDirectory(prefix="mws-bench-") as dataDir:
-            try:
-                servers = self.startServers(dataDir)
-                self.connect(servers)
-                asyncio.run(self.phases(servers))
-            finally:
-                self.finish(dataDir)
-        return self.report
-
-
-def _ownCpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    def measure(self, dataDir: str) -> None:
+        servers = self.startServers(dataDir)
+        self.connect(servers)
+        asyncio.run(self.phases(servers))
 
 
 # Output
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
 
 
 def table(report: dict[str, Any]) -> str:
     m = report["machine"]
     s = report["settings"]
     lines = [
-        f"marketplace-ws fan-out benchmark, {m['date']}",
-        f"machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}, "
-        f"marketplace-ws {m['marketplace-ws']} ({m.get('revision', '?')}), Twisted {m['twisted']}, "
-        f"Autobahn {m['autobahn']}; load average before the run {m['loadAverage'][0]:.2f}; "
-        f"open files limit {report['fileLimit']['soft']}",
+        *tableHeading(
+            report,
+            "fan-out",
+            f", Autobahn {m['autobahn']}",
+            f"; open files limit {report['fileLimit']['soft']}",
+        ),
         f"settings: {s['connections']} subscribers of {s['channel']} in "
-        f"{s['clientProcesses']} process(es) ({s['clientLoop']}), phases of {s['duration']:g} s at "
-        f"{', '.join(f'{r:g}' for r in s['rates']) or 'no'} publishes/s"
-        + (f" then flat out for {s['maxSeconds']:g} s" if s["maxSeconds"] > 0 else "")
+        + planText(s, "publishes")
         + f", {s['inFlight']} publishes in flight at most, payload padding "
         f"{s['payloadBytes']} B"
         + (", permessage-deflate offered" if s["deflate"] else "")
@@ -833,12 +564,7 @@ def table(report: dict[str, Any]) -> str:
             notes = []
             if p["publish"]["errors"]:
                 notes.append(f"errors {p['publish']['errors']}")
-            if not p["complete"]:
-                notes.append("drain incomplete")
-            if p["closedConnections"]:
-                notes.append(f"{p['closedConnections']} closed {p['closeCodes']}")
-            if p["targetRate"] and p["publishesPerSecond"] < 0.95 * p["targetRate"]:
-                notes.append("below target rate")
+            notes += phaseNotes(p, p["publishesPerSecond"])
             shares = p.get("serverCpuShares") or [p["serverCpuShare"]]
             if max(shares) > 0.9:
                 notes.append("server CPU-bound")
@@ -863,14 +589,11 @@ def table(report: dict[str, Any]) -> str:
             )
     server = report.get("server")
     if server:
-        lines += [
-            "",
-            f"server: exit status {server['exitStatus']} after SIGTERM, shutdown took "
-            f"{server['shutdownSeconds']:.2f} s with {c['connected'] if c else 0} connections "
-            f"open; RSS at the end {server.get('rssEndBytes', 0) / 2**20:.1f} MiB; "
-            f"{server['logLines']} log lines {server['logLevels']}",
-        ]
-        lines += [f"  {problem}" for problem in server["problems"]]
+        lines += serverLines(
+            server,
+            f" with {c['connected'] if c else 0} connections open; RSS at the end "
+            f"{server.get('rssEndBytes', 0) / 2**20:.1f} MiB",
+        )
         for number, other in enumerate(report.get("servers", [])[1:], start=2):
             lines.append(
                 f"server #{number}: exit status {other['exitStatus']}, shutdown took "
@@ -894,20 +617,7 @@ def _redisColumns(redis: dict[str, Any] | None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    arguments = parseArguments(argv)
-    # Interrupted or terminated, the bench still stops its server and drops its schema.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    benchmark = Benchmark(arguments)
-    try:
-        report = benchmark.run()
-    except (ServerFailed, BenchFailed) as e:
-        print(f"fanout.py: {e}", file=sys.stderr)
-        return 1
-    if arguments.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(table(report))
-    return 2 if report.get("skipped") else 0
+    return runMain("fanout.py", Benchmark, parseArguments(argv), table)
 
 
 if __name__ == "__main__":
