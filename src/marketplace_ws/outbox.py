@@ -169,7 +169,6 @@ class OutboxPublisher(Service):
         self._loop = LoopingCall(self._sweep)
         self._loop.clock = clock
         self._listener: Listener | None = None
-        self._listening = False
         self._connecting: Deferred[None] | None = None
         self._draining: Deferred[None] | None = None
         self._again = False
@@ -247,9 +246,6 @@ class OutboxPublisher(Service):
         connecting.addBoth(connected)
 
     async def _listen(self) -> None:
-        if self._listener is not None or self._listening:
-            return
-        self._listening = True
         try:
             listener = await self._database.listen(NOTIFY_CHANNEL, self._notified, self._wake)
         except DatabaseUnavailable as e:
@@ -262,8 +258,6 @@ class OutboxPublisher(Service):
                     interval=self.sweepInterval,
                 )
             return
-        finally:
-            self._listening = False
         if not self.running:
             listener.stop()
             return
@@ -276,7 +270,8 @@ class OutboxPublisher(Service):
         self._wake()
 
     def _sweep(self) -> None:
-        if self._listener is None and not self._listening:
+        # _connecting is set while a LISTEN is on its way: never two at once.
+        if self._listener is None and self._connecting is None:
             self._connect()
         self._wake()
 
