@@ -87,6 +87,10 @@ _REAP = 2000
 # The URL
 
 
+#: Seconds before registering again after Redis answered that it cannot serve yet.
+_RETRY_REGISTER = 1.0
+
+
 class RedisURLError(ValueError):
     """
     C{REDIS_URL} cannot be used. The message names the problem, never the password.
@@ -662,6 +666,7 @@ class RedisBroker:
             raise ValueError("prefix must not be empty: it keeps the broker's keys apart")
         self.url = url if isinstance(url, RedisURL) else parseRedisURL(url)
         self._reactor = reactor
+        self._registerRetry: Any = None
         self.prefix = prefix
         self.historySize = historySize
         self.historyAge = historyAge
@@ -836,6 +841,8 @@ class RedisBroker:
         if self._stopping:
             return
         self._stopping = True
+        if self._registerRetry is not None and self._registerRetry.active():
+            self._registerRetry.cancel()
         if self._startTimer is not None and self._startTimer.active():
             self._startTimer.cancel()
         starting, self._starting = self._starting, None
@@ -892,7 +899,15 @@ class RedisBroker:
             await gatherResults([beat, self._resync()], consumeErrors=True)
         except FirstError as e:
             self._lastError = problem = e.subFailure.getErrorMessage()
-            if self._conn is conn and not self._started:
+            transient = e.subFailure.check(OpError) and e.subFailure.value.code == UNAVAILABLE
+            if transient and self._conn is conn and not self._stopping:
+                # LOADING and the like, just after Redis restarted: a second from now,
+                # not the next heartbeat (and not a failed start).
+                if self._registerRetry is None or not self._registerRetry.active():
+                    self._registerRetry = self._reactor.callLater(
+                        _RETRY_REGISTER, self._retryRegister, conn
+                    )
+            elif self._conn is conn and not self._started:
                 # Redis answered, and said no (permissions, memory): not worth waiting.
                 self._startFailed(f"Redis at {self.url.where()} refused the broker: {problem}")
             else:
@@ -904,6 +919,10 @@ class RedisBroker:
             return
         self._commandUp = True
         self._up()
+
+    def _retryRegister(self, conn: Any) -> None:
+        if self._conn is conn and not self._commandUp and not self._stopping:
+            Deferred.fromCoroutine(self._register(conn))
 
     def _commandLost(self, conn: Any) -> None:
         if self._conn is conn:
